@@ -1,0 +1,1 @@
+"""The analytical planner: pure Python, never imports torch at module level."""

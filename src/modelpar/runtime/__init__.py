@@ -1,0 +1,1 @@
+"""The runtime on torch.distributed. This package file imports nothing, so the pure schedules stay importable without torch."""

@@ -1,0 +1,107 @@
+"""Device and cluster specifications and presets.
+
+Bandwidths are per direction. `intra_node_bandwidth_gb_per_s` is per device (what one device can
+push into the node's fabric); `inter_node_bandwidth_gb_per_s` is per node (the sum of its NICs).
+For TPU pods a "node" is one pod: its chips talk over ICI, pods over the data-centre network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from modelpar.specs.errors import SpecError
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One accelerator."""
+
+    name: str = field(metadata={"doc": "Device name, e.g. 'A100-SXM4-80GB'."})
+    peak_tflops: float = field(metadata={"doc": "Dense 16-bit (bf16/fp16) peak, TFLOP/s."})
+    memory_gib: float = field(metadata={"doc": "Device memory, GiB."})
+    memory_bandwidth_gb_per_s: float = field(metadata={"doc": "Device memory bandwidth, GB/s."})
+    power_watts: float = field(default=400.0, metadata={"doc": "Board power under training load, W."})
+
+    def __post_init__(self) -> None:
+        for key in ("peak_tflops", "memory_gib", "memory_bandwidth_gb_per_s", "power_watts"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise SpecError(f"device '{self.name}': {key} must be a positive number, got {value!r}")
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * 2**30)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Identical devices grouped in nodes: a fast intra-node fabric, a slower inter-node network."""
+
+    name: str = field(metadata={"doc": "Cluster name, used in reports."})
+    device: DeviceSpec = field(metadata={"doc": "The accelerator every rank runs on."})
+    devices_per_node: int = field(metadata={"doc": "Devices sharing the intra-node fabric (NVLink/NVSwitch/ICI)."})
+    intra_node_bandwidth_gb_per_s: float = field(
+        metadata={"doc": "Per-device, one-direction bandwidth inside a node, GB/s."}
+    )
+    inter_node_bandwidth_gb_per_s: float = field(
+        metadata={"doc": "Per-node, one-direction bandwidth between nodes (sum of NICs), GB/s."}
+    )
+    intra_node_latency_us: float = field(default=5.0, metadata={"doc": "Per-message latency inside a node, us."})
+    inter_node_latency_us: float = field(default=10.0, metadata={"doc": "Per-message latency between nodes, us."})
+    num_devices: int | None = field(
+        default=None, metadata={"doc": "Devices available; None means as many as asked for."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.devices_per_node, bool) or not isinstance(self.devices_per_node, int) or self.devices_per_node <= 0:
+            raise SpecError(f"cluster '{self.name}': devices_per_node must be a positive integer, got {self.devices_per_node!r}")
+        for key in ("intra_node_bandwidth_gb_per_s", "inter_node_bandwidth_gb_per_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise SpecError(f"cluster '{self.name}': {key} must be a positive number, got {value!r}")
+        for key in ("intra_node_latency_us", "inter_node_latency_us"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise SpecError(f"cluster '{self.name}': {key} must be a non-negative number, got {value!r}")
+        if self.num_devices is not None and (not isinstance(self.num_devices, int) or self.num_devices <= 0):
+            raise SpecError(f"cluster '{self.name}': num_devices must be a positive integer, got {self.num_devices!r}")
+
+
+# --- devices -----------------------------------------------------------------------------------
+# NVIDIA V100 SXM2 32GB datasheet: 125 TFLOP/s fp16 tensor, 900 GB/s HBM2, 300 W.
+V100_SXM2 = DeviceSpec("V100-SXM2-32GB", peak_tflops=125.0, memory_gib=32, memory_bandwidth_gb_per_s=900, power_watts=300)
+# DGX-2H: V100 SXM3 32GB at 450 W and higher clocks, 130 TFLOP/s fp16 tensor (DGX-2H datasheet).
+V100_SXM3_H = DeviceSpec("V100-SXM3-32GB-H", peak_tflops=130.0, memory_gib=32, memory_bandwidth_gb_per_s=900, power_watts=450)
+# NVIDIA A100 datasheet: 312 TFLOP/s dense bf16; 40GB: 1555 GB/s; 80GB: 2039 GB/s; SXM 400 W.
+A100_40GB = DeviceSpec("A100-SXM4-40GB", peak_tflops=312.0, memory_gib=40, memory_bandwidth_gb_per_s=1555, power_watts=400)
+A100_80GB = DeviceSpec("A100-SXM4-80GB", peak_tflops=312.0, memory_gib=80, memory_bandwidth_gb_per_s=2039, power_watts=400)
+# NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense bf16, 80 GB HBM3 at 3350 GB/s, 700 W.
+H100_SXM = DeviceSpec("H100-SXM5-80GB", peak_tflops=989.0, memory_gib=80, memory_bandwidth_gb_per_s=3350, power_watts=700)
+# Google Cloud TPU v3 page: 123 TFLOP/s bf16, 32 GiB HBM2 at 900 GB/s, mean power 220 W.
+TPU_V3 = DeviceSpec("TPU-v3", peak_tflops=123.0, memory_gib=32, memory_bandwidth_gb_per_s=900, power_watts=220)
+# Google Cloud TPU v4 page: 275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s, mean power 170 W.
+TPU_V4 = DeviceSpec("TPU-v4", peak_tflops=275.0, memory_gib=32, memory_bandwidth_gb_per_s=1200, power_watts=170)
+
+
+CLUSTER_PRESETS: dict[str, ClusterSpec] = {
+    # DGX-1 (V100): NVLink 2.0 hybrid cube-mesh, 6 links x 25 GB/s per direction = 150 GB/s per GPU;
+    # 4 x 100 Gb/s EDR InfiniBand = 50 GB/s per node.
+    "dgx-1-v100": ClusterSpec("dgx-1-v100", V100_SXM2, 8, 150.0, 50.0),
+    # DGX-2H as in Shoeybi et al. 2019 Sec. 5: 16 GPUs on NVSwitch (300 GB/s bidirectional, 150 per
+    # direction), 8 x 100 Gb/s InfiniBand = 100 GB/s per node.
+    "dgx-2h-v100": ClusterSpec("dgx-2h-v100", V100_SXM3_H, 16, 150.0, 100.0),
+    # DGX A100: NVLink 3 600 GB/s bidirectional (300 per direction) per GPU through NVSwitch;
+    # 8 x 200 Gb/s HDR InfiniBand compute NICs = 200 GB/s per node (Narayanan et al. 2021 Sec. 5).
+    "dgx-a100-40gb": ClusterSpec("dgx-a100-40gb", A100_40GB, 8, 300.0, 200.0),
+    "dgx-a100-80gb": ClusterSpec("dgx-a100-80gb", A100_80GB, 8, 300.0, 200.0),
+    # DGX H100: NVLink 4 900 GB/s bidirectional (450 per direction); 8 x 400 Gb/s NDR = 400 GB/s per node.
+    "dgx-h100": ClusterSpec("dgx-h100", H100_SXM, 8, 450.0, 400.0),
+    # TPU v3 pod (Cloud TPU v3 page): 1024 chips on a 2D torus, all-reduce bandwidth 340 TB/s per pod
+    # = 332 GB/s per chip; pods joined by the data-centre network (Gopher used 4 pods, Rae et al. 2021
+    # Sec. 4, "4096 TPUv3 chips"); the DCN figure per pod is the PaLM paper's 81 Tb/s for two v4 pods.
+    "tpu-v3": ClusterSpec("tpu-v3", TPU_V3, 1024, 332.0, 5062.0, intra_node_latency_us=2.0, inter_node_latency_us=20.0),
+    # TPU v4 pod (Cloud TPU v4 page): 4096 chips on a 3D torus, all-reduce bandwidth 1.1 PB/s per pod =
+    # 268 GB/s per chip. PaLM (Chowdhery et al. 2022 Sec. 4) spans 2 pods of 3072 chips, with 81 Tb/s
+    # bidirectional cross-pod bandwidth: 40.5 Tb/s = 5062 GB/s per pod per direction.
+    "tpu-v4": ClusterSpec("tpu-v4", TPU_V4, 3072, 268.0, 5062.0, intra_node_latency_us=2.0, inter_node_latency_us=20.0),
+}
