@@ -12,9 +12,10 @@ Dependencies (what the runtime receives): F(g, i) needs the activation of F(g - 
 B(g, i) needs F(g, i) on its own rank and the gradient of B(g + 1, i); the last stage's B
 needs only its own F (the loss is computed there).
 
-Each schedule's docstring draws a small case from the simulator (forward = backward = one time
-slot, no p2p time): ``F3`` / ``B3`` is the forward / backward of micro-batch 3; with several
-chunks a letter names the chunk (``F3a`` chunk 0, ``F3b`` chunk 1); ``.`` is an idle slot.
+Each schedule's docstring draws a small case as `modelpar.planner.pipeline.render_timeline`
+simulates it (forward = backward = one time slot, no p2p time; a test keeps them in sync):
+``F3`` / ``B3`` is the forward / backward of micro-batch 3; with several chunks a letter names
+the chunk (``F3a`` chunk 0, ``F3b`` chunk 1); ``.`` is an idle slot.
 """
 
 from __future__ import annotations
@@ -101,15 +102,12 @@ def one_f_one_b(num_stages: int, num_micro_batches: int) -> list[list[Action]]:
         rank 2 | .  .  F0 B0 F1 B1 F2 B2 F3 B3 .  .
     """
     _check_counts(num_stages, num_micro_batches, 1)
-    ranks = []
-    for rank in range(num_stages):
-        warmup = min(num_stages - rank - 1, num_micro_batches)
-        ranks.append(_warmup_steady_cooldown(
-            [Action(FORWARD, 0, i) for i in range(num_micro_batches)],
-            [Action(BACKWARD, 0, i) for i in range(num_micro_batches)],
-            warmup,
-        ))
-    return ranks
+    forwards = [Action(FORWARD, 0, i) for i in range(num_micro_batches)]
+    backwards = [Action(BACKWARD, 0, i) for i in range(num_micro_batches)]
+    return [
+        _warmup_steady_cooldown(forwards, backwards, min(num_stages - rank - 1, num_micro_batches))
+        for rank in range(num_stages)
+    ]
 
 
 def interleaved_one_f_one_b(num_stages: int, num_micro_batches: int, virtual_stages: int) -> list[list[Action]]:
@@ -126,8 +124,8 @@ def interleaved_one_f_one_b(num_stages: int, num_micro_batches: int, virtual_sta
     at the price of v times more p2p messages. Needs m % p == 0 (Megatron's rule: the groups of
     p micro-batches must be full). p = 2, m = 4, v = 2::
 
-        rank 0 | F0a F1a F0b F1b F2a .   F3a B0b F2b B1b F3b B0a .   B1a B2b .   B3b B2a .   B3a
-        rank 1 | .   F0a F1a F0b B0b F1b B1b F2a B0a F3a B1a F2b B2b F3b B3b B2a .   B3a .   .
+        rank 0 | F0a F1a F0b F1b F2a B0b F3a B1b F2b B0a F3b B1a .   B2b .   B3b B2a B3a
+        rank 1 | .   F0a F1a F0b B0b F1b B1b F2a B0a F3a B1a F2b B2b F3b B3b B2a B3a .
     """
     _check_counts(num_stages, num_micro_batches, virtual_stages)
     if num_micro_batches % num_stages:
