@@ -1,0 +1,389 @@
+"""Serial reference GPT: the model every parallel layout must reproduce exactly.
+
+nanoGPT-sized and deliberately plain (Radford et al. 2019, GPT-2; Touvron et al. 2023 for the
+Llama variants): pre-norm transformer layers, explicit attention softmax(QK^T / sqrt(d) + causal)V,
+GELU or SwiGLU MLP, learned or rotary positions, tied or untied output head, mean cross-entropy.
+There is no parallel code here; `modelpar.models.parallelize` swaps tensor-parallel modules in.
+
+Structure (the names are the state-dict keys every layout shares):
+
+    GPT
+      embedding: Embedding         token (+ position) embedding + dropout
+      layers:    ModuleList[TransformerLayer]
+                   attention_norm, attention (qkv, core, proj), mlp_norm, mlp (fc1, fc2)
+      head:      LMHead            final norm + output projection + cross-entropy
+
+Layout of fused weights: ``attention.qkv`` rows are [Q heads | K heads | V heads] (each head
+``head_dim`` rows); ``mlp.fc1`` rows for SwiGLU are [gate | up].
+
+Dropout is *keyed*: every mask is a pure function of (DropoutKey, layer, site, global element
+coordinates), so a tensor-/sequence-/data-parallel run drops exactly the elements the serial run
+drops, each rank computing only its own slice (see `keyed_dropout`). The key is an explicit
+forward argument (``dropout_key``), never module state, so recomputation in the backward pass
+reproduces the same masks. With ``dropout_key=None`` dropout falls back to torch's RNG
+(statistically correct, not reproducible across layouts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from enum import IntEnum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpar.specs.errors import SpecError
+from modelpar.specs.model import ModelSpec
+
+INIT_STD = 0.02
+ROPE_BASE = 10000.0
+NORM_EPS = 1e-5
+
+# ------------------------------------------------------------------------------------------------
+# Keyed dropout
+# ------------------------------------------------------------------------------------------------
+
+
+class DropoutSite(IntEnum):
+    """Where a dropout mask is applied; part of the mask's hash so sites draw independent masks."""
+
+    EMBEDDING = 1
+    ATTENTION_PROBS = 2
+    ATTENTION_OUTPUT = 3
+    MLP_OUTPUT = 4
+
+
+@dataclass(frozen=True)
+class DropoutKey:
+    """Identifies one forward pass's dropout masks.
+
+    seed: the run's seed. step: the optimizer step. sample_offset: index, in the step's global
+    batch, of this forward's first sequence (micro-batch i of data-parallel replica r with micro
+    batch b and m micro-batches per replica: (r * m + i) * b). Because the batch coordinate of a
+    mask is ``sample_offset + row``, the masks of a step do not depend on how its global batch is
+    split into micro-batches or replicas.
+    """
+
+    seed: int
+    step: int
+    sample_offset: int = 0
+
+    def for_samples(self, sample_offset: int) -> "DropoutKey":
+        return replace(self, sample_offset=sample_offset)
+
+
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B1
+
+
+def _mul32(h, constant: int):
+    """(h * constant) mod 2^32 for 0 <= h < 2^32 without overflowing int64 (works on ints and tensors)."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (h * low + (((h * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer (Appleby 2008): a bijection with full avalanche."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _combine(h, value):
+    return _fmix32(h ^ _mul32((value + 1) & _MASK32, _GOLDEN32))
+
+
+def dropout_keep_mask(shape, p: float, key: DropoutKey, layer: int, site: DropoutSite,
+                      offsets=None, device=None) -> torch.Tensor:
+    """Boolean keep-mask for the slice ``[offsets[i] : offsets[i] + shape[i]]`` of a global tensor.
+
+    Element (c_0, c_1, ...) of the global tensor (c_0 counted from ``key.sample_offset``) is
+    kept iff hash(seed, step, layer, site, c_0, c_1, ...) >= p * 2^32, with the hash a chain of
+    MurmurHash3 finalizers. Only the local slice is ever materialised; the hash is built up one
+    dimension at a time so only the last step touches every element.
+    """
+    offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
+    if len(offsets) != len(shape):
+        raise ValueError(f"dropout offsets {offsets} do not match shape {tuple(shape)}")
+    h = 0
+    for part in (key.seed & _MASK32, (key.seed >> 32) & _MASK32, key.step & _MASK32, layer & _MASK32, int(site)):
+        h = _combine(h, part)
+    hashed = torch.tensor(h, dtype=torch.int64, device=device)
+    for dim, (size, offset) in enumerate(zip(shape, offsets)):
+        start = offset + (key.sample_offset if dim == 0 else 0)
+        coords = torch.arange(start, start + size, dtype=torch.int64, device=device)
+        hashed = _combine(hashed.unsqueeze(-1), coords)
+    threshold = int(round(p * 2**32))
+    return hashed >= threshold
+
+
+def keyed_dropout(x: torch.Tensor, p: float, key: DropoutKey | None, layer: int, site: DropoutSite,
+                  training: bool, offsets=None) -> torch.Tensor:
+    """Inverted dropout, x * keep / (1 - p), with the mask of `dropout_keep_mask`.
+
+    ``offsets`` places ``x`` in the global tensor (e.g. (0, head_offset, 0, 0) for a rank's
+    attention heads, (0, sequence_offset, 0) for a sequence-parallel shard). The serial model
+    and every parallel layer call this one function, which is what makes them agree exactly.
+    """
+    if not training or p == 0.0:
+        return x
+    if key is None:
+        return F.dropout(x, p, training=True)
+    keep = dropout_keep_mask(x.shape, p, key, layer, site, offsets, x.device)
+    return x.masked_fill(~keep, 0.0) * (1.0 / (1.0 - p))
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks shared with the parallel layers
+# ------------------------------------------------------------------------------------------------
+
+
+def make_norm(spec: ModelSpec) -> nn.Module:
+    if spec.normalization == "rmsnorm":
+        return nn.RMSNorm(spec.hidden_size, eps=NORM_EPS)
+    return nn.LayerNorm(spec.hidden_size, eps=NORM_EPS)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, position_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding (Su et al. 2021, RoFormer eq. 34), rotate-half (GPT-NeoX/Llama) layout.
+
+    q, k: [batch, heads, seq, head_dim]; position of row i is position_offset + i.
+    """
+    seq, dim = q.shape[-2], q.shape[-1]
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, dim, 2, dtype=torch.float32, device=q.device) / dim))
+    positions = torch.arange(position_offset, position_offset + seq, dtype=torch.float32, device=q.device)
+    angles = torch.outer(positions, inv_freq)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(q.dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(q.dtype)
+
+    def rotate(x):
+        first, second = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+    return rotate(q), rotate(k)
+
+
+def mlp_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """GELU (exact erf form), or SwiGLU silu(gate) * up (Shazeer 2020) on x = [gate | up]."""
+    if activation == "swiglu":
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(x)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, s, heads * d] -> [b, heads, s, d]."""
+    b, s, width = x.shape
+    return x.view(b, s, heads, width // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[b, heads, s, d] -> [b, s, heads * d]."""
+    b, heads, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, heads * d)
+
+
+class AttentionCore(nn.Module):
+    """softmax(Q K^T / sqrt(d) + causal mask) V with dropout on the probabilities (Vaswani et al. 2017 eq. 1).
+
+    The part that selective recomputation re-runs (Korthikanti et al. 2022, Sec. 4.1): its saved
+    activations (scores, probabilities, mask) grow with s^2. Grouped-query attention (Ainslie et
+    al. 2023): each K/V head serves ``heads / kv_heads`` consecutive query heads. ``head_offset``
+    is the global index of the first query head held here (non-zero on tensor-parallel ranks), so
+    the probability dropout mask matches the serial one. ``fused=True`` uses
+    F.scaled_dot_product_attention instead (exact only without dropout).
+    """
+
+    def __init__(self, dropout: float, layer_index: int, head_offset: int = 0, fused: bool = False):
+        super().__init__()
+        self.dropout = dropout
+        self.layer_index = layer_index
+        self.head_offset = head_offset
+        self.fused = fused
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        heads, kv_heads = q.shape[1], k.shape[1]
+        if heads != kv_heads:
+            k = k.repeat_interleave(heads // kv_heads, dim=1)
+            v = v.repeat_interleave(heads // kv_heads, dim=1)
+        if self.fused:
+            p = self.dropout if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        seq = q.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = keyed_dropout(probs, self.dropout, dropout_key, self.layer_index, DropoutSite.ATTENTION_PROBS,
+                              self.training, offsets=(0, self.head_offset, 0, 0))
+        return probs @ v
+
+
+# ------------------------------------------------------------------------------------------------
+# Serial modules
+# ------------------------------------------------------------------------------------------------
+
+
+class Embedding(nn.Module):
+    """Token embedding (+ learned absolute positions) + dropout: tokens [b, s] -> hidden [b, s, h]."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.token = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.position = nn.Embedding(spec.seq_length, spec.hidden_size) if spec.position_embedding == "learned" else None
+        self.dropout = spec.dropout
+
+    def forward(self, tokens: torch.Tensor, dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        hidden = self.token(tokens)
+        if self.position is not None:
+            hidden = hidden + self.position.weight[: tokens.shape[1]]
+        return keyed_dropout(hidden, self.dropout, dropout_key, -1, DropoutSite.EMBEDDING, self.training)
+
+
+class SelfAttention(nn.Module):
+    """Causal self-attention: qkv projection, (RoPE), AttentionCore, output projection, residual dropout."""
+
+    def __init__(self, spec: ModelSpec, layer_index: int, fused: bool = False):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_attention_heads, spec.kv_heads, spec.attention_head_dim
+        self.rope = spec.position_embedding == "rope"
+        self.dropout = spec.dropout
+        self.layer_index = layer_index
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv = nn.Linear(spec.hidden_size, q_width + 2 * kv_width)
+        self.core = AttentionCore(spec.dropout, layer_index, fused=fused)
+        self.proj = nn.Linear(q_width, spec.hidden_size)
+
+    def forward(self, x: torch.Tensor, dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
+        q, k, v = split_heads(q, self.num_heads), split_heads(k, self.num_kv_heads), split_heads(v, self.num_kv_heads)
+        if self.rope:
+            q, k = apply_rope(q, k)
+        y = self.proj(merge_heads(self.core(q, k, v, dropout_key)))
+        return keyed_dropout(y, self.dropout, dropout_key, self.layer_index, DropoutSite.ATTENTION_OUTPUT, self.training)
+
+
+class MLP(nn.Module):
+    """fc1 -> GELU -> fc2, or fc1 = [gate | up] -> silu(gate) * up -> fc2 (SwiGLU); then residual dropout."""
+
+    def __init__(self, spec: ModelSpec, layer_index: int):
+        super().__init__()
+        self.activation = spec.activation
+        self.dropout = spec.dropout
+        self.layer_index = layer_index
+        inner = spec.ffn_hidden_size * (2 if spec.activation == "swiglu" else 1)
+        self.fc1 = nn.Linear(spec.hidden_size, inner)
+        self.fc2 = nn.Linear(spec.ffn_hidden_size, spec.hidden_size)
+
+    def forward(self, x: torch.Tensor, dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        y = self.fc2(mlp_activation(self.fc1(x), self.activation))
+        return keyed_dropout(y, self.dropout, dropout_key, self.layer_index, DropoutSite.MLP_OUTPUT, self.training)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm layer: h = x + Attn(Norm(x)); out = h + MLP(Norm(h)). ``layer_index`` is global (all stages)."""
+
+    def __init__(self, spec: ModelSpec, layer_index: int, fused_attention: bool = False):
+        super().__init__()
+        self.layer_index = layer_index
+        self.attention_norm = make_norm(spec)
+        self.attention = SelfAttention(spec, layer_index, fused=fused_attention)
+        self.mlp_norm = make_norm(spec)
+        self.mlp = MLP(spec, layer_index)
+
+    def forward(self, hidden: torch.Tensor, dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        hidden = hidden + self.attention(self.attention_norm(hidden), dropout_key)
+        return hidden + self.mlp(self.mlp_norm(hidden), dropout_key)
+
+
+class LMHead(nn.Module):
+    """Final norm + output projection (no bias) + mean token cross-entropy."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.norm = make_norm(spec)
+        self.output = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(hidden))
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(hidden)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer built from a ModelSpec: forward(tokens [b, s], targets [b, s]) -> mean loss."""
+
+    def __init__(self, spec: ModelSpec, fused_attention: bool = False):
+        super().__init__()
+        self.spec = spec
+        self.embedding = Embedding(spec)
+        self.layers = nn.ModuleList(TransformerLayer(spec, i, fused_attention) for i in range(spec.num_layers))
+        self.head = LMHead(spec)
+        if spec.tied_embeddings:
+            self.head.output.weight = self.embedding.token.weight
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        if tokens.shape[1] > self.spec.seq_length:
+            raise SpecError(
+                f"model '{self.spec.name}': sequence of {tokens.shape[1]} tokens exceeds seq_length "
+                f"{self.spec.seq_length}; use shorter sequences or raise seq_length"
+            )
+        hidden = self.embedding(tokens, dropout_key)
+        for layer in self.layers:
+            hidden = layer(hidden, dropout_key)
+        return self.head(hidden, targets)
+
+
+def is_residual_projection(name: str) -> bool:
+    """Projections that write into the residual stream (GPT-2's scaled init): attention.proj, mlp.fc2."""
+    return name.endswith("attention.proj") or name.endswith("mlp.fc2")
+
+
+@torch.no_grad()
+def initialize_parameters(model: nn.Module, num_layers: int, seed: int) -> None:
+    """GPT-2 init (Radford et al. 2019, Sec. 2.3; nanoGPT): weights ~ N(0, 0.02), residual
+    projections ~ N(0, 0.02 / sqrt(2 L)), biases 0, norm weights 1. Deterministic in ``seed``
+    (a private CPU generator; the global RNG is untouched); modules are visited in
+    ``named_modules`` order and a shared (tied) weight is drawn once.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    residual_std = INIT_STD / math.sqrt(2 * num_layers)
+    seen: set[int] = set()
+
+    def normal(param: torch.Tensor, std: float) -> None:
+        if id(param) in seen:
+            return
+        seen.add(id(param))
+        values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+        param.copy_(values)
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            normal(module.weight, residual_std if is_residual_projection(name) else INIT_STD)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            normal(module.weight, INIT_STD)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+
+
+def init_gpt(spec: ModelSpec, seed: int, device: torch.device | str = "cpu", fused_attention: bool = False) -> GPT:
+    """Build a GPT with deterministic weights: the same (spec, seed) gives bit-identical models everywhere."""
+    # Built on the CPU rather than the meta device: reset_parameters() on meta tensors imports
+    # torch._dynamo (about 4 s per process, paid by every spawned rank); fork_rng keeps the
+    # default initialisation from consuming the global RNG.
+    with torch.random.fork_rng(devices=[]):
+        model = GPT(spec, fused_attention=fused_attention)
+    initialize_parameters(model, spec.num_layers, seed)
+    return model.to(device)
