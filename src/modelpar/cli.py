@@ -180,6 +180,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return train_command(args)
 
 
+# --- simulate -----------------------------------------------------------------------------------
+
+def _add_simulate(subparsers) -> None:
+    from modelpar.simulate import add_simulate_arguments
+
+    parser = subparsers.add_parser("simulate", help="draw a plan's pipeline schedule without running it")
+    add_simulate_arguments(parser)
+    parser.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from modelpar.simulate import simulate_command
+
+    return simulate_command(args)
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=cmd_validate)
 
     _add_train(subparsers)  # modelpar.train imports torch only inside its functions
+    _add_simulate(subparsers)
     return parser
 
 

@@ -1,0 +1,99 @@
+"""Memory per pipeline stage as stacked bars (PNG), against the device capacity.
+
+One bar per pipeline stage from `planner.memory.memory_per_device(..., stage=r)`: parameters,
+gradients, optimizer states, stored activations and the embedding/logits buffers, in GiB, with
+the device capacity as a horizontal line and each bar's total above it (red when it does not
+fit). matplotlib is imported inside the function (Agg backend).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+GIB = 2**30
+CAPACITY_SCALE_LIMIT = 20.0  # draw the capacity line only when the fullest stage reaches 1/20 of it
+_BYTE_UNITS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
+COMPONENTS = (  # (MemoryBreakdown field, legend label, colour)
+    ("parameters", "parameters", "#4575b4"),
+    ("gradients", "gradients", "#91bfdb"),
+    ("optimizer_states", "optimizer states", "#fee090"),
+    ("activations", "activations", "#fc8d59"),
+    ("embedding_and_logits", "embedding / logits buffers", "#d73027"),
+)
+
+
+def memory_png(
+    breakdowns: Sequence, path: str | Path, title: str = "", stage_labels: Sequence[str] | None = None,
+    dpi: int = 130,
+) -> Path:
+    """Stacked bars of `breakdowns` (one `MemoryBreakdown` per pipeline stage, in order) with the
+    capacity of the first as a dashed line (named in the legend instead when the bars reach less
+    than 1/20 of it). Returns the path (parent folders created)."""
+    if not breakdowns:
+        raise ValueError("memory_png: no memory breakdowns to draw")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(stage_labels) if stage_labels is not None else [f"stage {k}" for k in range(len(breakdowns))]
+    if len(labels) != len(breakdowns):
+        raise ValueError(f"memory_png: {len(labels)} stage labels for {len(breakdowns)} breakdowns")
+    peak_bytes = max(b.total for b in breakdowns)
+    capacity_bytes = breakdowns[0].capacity
+    # Bars far below the capacity would be invisible on its scale: draw them on their own scale
+    # and name the capacity in the legend instead of drawing its line.
+    capacity_on_scale = capacity_bytes <= CAPACITY_SCALE_LIMIT * peak_bytes
+    scale, unit = _byte_unit(max(peak_bytes, capacity_bytes) if capacity_on_scale else peak_bytes)
+    capacity = capacity_bytes / scale
+    totals = [b.total / scale for b in breakdowns]
+    positions = range(len(breakdowns))
+    figure, axes = plt.subplots(figsize=(max(5.5, 1.1 * len(breakdowns) + 3.5), 4.6))
+    bottom = [0.0] * len(breakdowns)
+    for field, label, colour in COMPONENTS:
+        heights = [getattr(b, field) / scale for b in breakdowns]
+        axes.bar(positions, heights, 0.6, bottom=bottom, color=colour, edgecolor="white", linewidth=0.6, label=label)
+        bottom = [low + height for low, height in zip(bottom, heights)]
+    top = (max(capacity, max(totals)) if capacity_on_scale else max(totals)) * 1.15
+    for position, total, breakdown in zip(positions, totals, breakdowns):
+        axes.text(position, total + top * 0.01, f"{total:.3g}", ha="center", va="bottom", fontsize=8,
+                  color="#b2182b" if not breakdown.fits else "#333333")
+    capacity_label = f"capacity {_format_bytes(capacity_bytes)}"
+    if capacity_on_scale:
+        axes.axhline(capacity, color="#b2182b", linestyle="--", linewidth=1.2, label=capacity_label, zorder=3)
+    else:
+        axes.plot([], [], color="#b2182b", linestyle="--", linewidth=1.2, label=f"{capacity_label} (off scale)")
+    axes.set_ylim(0, top)
+    axes.set_xticks(list(positions), labels)
+    axes.set_ylabel(f"memory per device ({unit})")
+    axes.grid(axis="y", color="#dddddd", linewidth=0.6)
+    axes.set_axisbelow(True)
+    for side in ("top", "right"):
+        axes.spines[side].set_visible(False)
+    share = peak_bytes / capacity_bytes
+    headline = (f"peak {_format_bytes(peak_bytes)} of {_format_bytes(capacity_bytes)} "
+                f"({f'{share:.1%}' if share >= 0.001 else '< 0.1%'})")
+    axes.set_title(f"{title}\n{headline}" if title else headline, fontsize=11)
+    handles, legend_labels = axes.get_legend_handles_labels()
+    # legend top-down in the order the stack is drawn bottom-up, capacity first
+    order = [len(handles) - 1] + list(range(len(handles) - 2, -1, -1))
+    axes.legend([handles[k] for k in order], [legend_labels[k] for k in order], loc="upper left",
+                bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _byte_unit(num_bytes: float) -> tuple[float, str]:
+    for scale, unit in _BYTE_UNITS:
+        if num_bytes >= scale:
+            return scale, unit
+    return _BYTE_UNITS[-1]
+
+
+def _format_bytes(num_bytes: float) -> str:
+    scale, unit = _byte_unit(num_bytes)
+    return f"{num_bytes / scale:.3g} {unit}"

@@ -1,0 +1,257 @@
+"""`modelpar simulate`: the predicted timeline of one plan's pipeline step, drawn without running it.
+
+The schedule's real action lists (`runtime.schedules.build_schedule`) are placed in time by
+`planner.pipeline.simulate` with per-action durations from the cost model's own pieces, so the
+picture is the step that `planner.cost.estimate` prices:
+
+- forward of chunk c on pipeline rank r (global stage g = c p + r, L / (p v) layers), per
+  micro-batch: layers x (layer forward compute + tensor-parallel forward collectives)
+  (`compute.layer_compute`, `cost.tensor_comm_per_layer`), + the embedding forward on stage 0
+  and the head (final norm, logits, loss) forward on the last stage (`compute.embedding_compute`,
+  `compute.head_compute`);
+- backward: layers x (recomputed forward + backward compute + their tensor-parallel collectives),
+  + the embedding/head backward on the first/last stage;
+- each activation or gradient crossing ranks: `cost.p2p_per_transfer`;
+- after its last backward each rank spends the cost model's exposed data-parallel time
+  (`breakdown["data_parallel_comm_s"]`: what the bucketed gradient reduction, ZeRO's weight
+  gathers, or ZeRO-3's per-micro-batch traffic leave uncovered, see `cost.data_parallel_exposure`)
+  in an "allreduce" event, and all ranks step the optimizer (`breakdown["optimizer_s"]`) once the
+  last of them is done (the global gradient norm synchronises them). Lumping ZeRO-3's exposed
+  per-micro-batch traffic at the end keeps the step time, not its place in the pipeline.
+
+The sum of a rank's forward and backward times is the cost model's compute + tensor-parallel
+time of that rank (tests/unit/test_timeline.py checks it). Its bubble comes from the simulation
+with these unequal durations (first and last stages carry the embedding and the head), not from
+the unit-time simulation the estimate uses, so the two step times differ slightly.
+
+This module imports neither torch nor matplotlib at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelpar.specs import ClusterSpec, ModelSpec, ParallelPlan, SpecError
+
+
+@dataclass(frozen=True)
+class ActionTimes:
+    """Seconds per micro-batch of each (pipeline rank, chunk)'s forward and backward, and of one
+    transfer between stages; the data-parallel tail of the step."""
+
+    forward_s: tuple[tuple[float, ...], ...]   # [rank][chunk]
+    backward_s: tuple[tuple[float, ...], ...]  # [rank][chunk]
+    p2p_s: float
+    grad_sync_s: float   # exposed data-parallel communication after a rank's last backward (0 for d = 1)
+    optimizer_s: float
+
+
+@dataclass(frozen=True)
+class PredictedSchedule:
+    """The simulated step of a plan: the pipeline simulation, its events (with the data-parallel
+    and optimizer tail), the durations used and the cost model's estimate of the same plan."""
+
+    plan: ParallelPlan
+    times: ActionTimes
+    simulation: object          # planner.pipeline.PipelineSimulation
+    events: tuple               # report.timeline.TimelineEvent, forward/backward + allreduce + optimizer
+    step_time_s: float          # first forward start to last optimizer end
+    estimate: object            # planner.cost.StepEstimate
+
+
+def action_times(
+    model: ModelSpec, cluster: ClusterSpec, plan: ParallelPlan, grad_sync_s: float = 0.0, optimizer_s: float = 0.0
+) -> ActionTimes:
+    """Per-(rank, chunk) forward/backward seconds and the transfer time (see module docstring);
+    `grad_sync_s` and `optimizer_s` (the step's tail) are passed through."""
+    from modelpar.planner import compute, cost
+
+    device = cluster.device
+    t, p, v = plan.tensor_parallel, plan.pipeline_parallel, plan.virtual_stages
+    b, recompute = plan.micro_batch_size, plan.recompute
+    sp = bool(plan.sequence_parallel) and t > 1
+    layer = compute.layer_compute(model, device, b, t, sp, recompute)
+    tp_forward, tp_backward, tp_recompute = cost.tensor_comm_per_layer(model, cluster, b, t, sp, recompute)
+    layers = model.num_layers // (p * v)
+    body_forward = layers * (layer.forward_s + tp_forward)
+    body_backward = layers * (layer.recompute_s + tp_recompute + layer.backward_s + tp_backward)
+    embedding_forward, embedding_backward = compute.embedding_compute(model, device, b, t, sp)
+    head_forward, head_backward = compute.head_compute(model, device, b, t, sp)
+    last = p * v - 1
+    forward, backward = [], []
+    for rank in range(p):
+        stages = [chunk * p + rank for chunk in range(v)]
+        forward.append(tuple(
+            body_forward + (embedding_forward if g == 0 else 0.0) + (head_forward if g == last else 0.0)
+            for g in stages))
+        backward.append(tuple(
+            body_backward + (embedding_backward if g == 0 else 0.0) + (head_backward if g == last else 0.0)
+            for g in stages))
+    p2p = cost.p2p_per_transfer(model, cluster, b, t, p, sp)
+    return ActionTimes(tuple(forward), tuple(backward), p2p, grad_sync_s, optimizer_s)
+
+
+def predict_schedule(
+    model: ModelSpec, cluster: ClusterSpec, plan: ParallelPlan, num_devices: int | None = None
+) -> PredictedSchedule:
+    """Simulate one step of a complete `plan` (raises SpecError if it cannot run)."""
+    from modelpar.planner.cost import estimate
+    from modelpar.planner.pipeline import simulate
+    from modelpar.report.timeline import TimelineEvent, events_from_simulation
+    from modelpar.runtime.schedules import build_schedule
+
+    num_devices = num_devices or plan.world_size
+    step_estimate = estimate(model, cluster, num_devices, plan)
+    times = action_times(model, cluster, plan, step_estimate.breakdown.get("data_parallel_comm_s", 0.0),
+                         step_estimate.breakdown.get("optimizer_s", 0.0))
+    actions = build_schedule(plan.schedule, plan.pipeline_parallel, plan.num_micro_batches, plan.virtual_stages)
+    simulation = simulate(
+        actions,
+        lambda rank, action: times.forward_s[rank][action.chunk],
+        lambda rank, action: times.backward_s[rank][action.chunk],
+        p2p_time=times.p2p_s,
+    )
+    events = events_from_simulation(simulation)
+    rank_end = [max(e.end_s for e in events if e.rank == rank) for rank in range(plan.pipeline_parallel)]
+    if times.grad_sync_s > 0:
+        events += [TimelineEvent(rank, "gradient all-reduce", "allreduce", end, end + times.grad_sync_s)
+                   for rank, end in enumerate(rank_end)]
+        rank_end = [end + times.grad_sync_s for end in rank_end]
+    optimizer_start = max(rank_end)
+    step_end = optimizer_start + times.optimizer_s
+    if times.optimizer_s > 0:
+        events += [TimelineEvent(rank, "optimizer step", "optimizer", optimizer_start, step_end)
+                   for rank in range(plan.pipeline_parallel)]
+    step_start = min(e.start_s for e in events)
+    return PredictedSchedule(plan, times, simulation, tuple(events), step_end - step_start, step_estimate)
+
+
+def describe_plan(plan: ParallelPlan) -> str:
+    """'t2 p4 d1 v2, interleaved, m=8, b=1' plus sequence parallel / recompute / ZeRO when set."""
+    text = f"t{plan.tensor_parallel} p{plan.pipeline_parallel} d{plan.data_parallel}"
+    if plan.virtual_stages and plan.virtual_stages > 1:
+        text += f" v{plan.virtual_stages}"
+    text += f", {plan.schedule}, m={plan.num_micro_batches}, b={plan.micro_batch_size}"
+    extras = []
+    if plan.sequence_parallel and plan.tensor_parallel > 1:
+        extras.append("SP")
+    if plan.recompute and plan.recompute != "none":
+        extras.append(f"recompute {plan.recompute}")
+    if plan.zero_stage:
+        extras.append(f"ZeRO-{plan.zero_stage}")
+    return text + (", " + ", ".join(extras) if extras else "")
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `modelpar simulate`."""
+    parser.add_argument("--plan", required=True, help="plan JSON file (a `modelpar plan --json` document works too)")
+    parser.add_argument("--model", required=True, help="model preset name or JSON file")
+    parser.add_argument("--cluster", required=True, help="cluster preset name or JSON file")
+    parser.add_argument("--devices", type=int, help="number of devices N (default: the plan's t x p x d)")
+    parser.add_argument("--png", help="write the Gantt chart of the step to this PNG file")
+    parser.add_argument("--trace", help="write a Chrome trace (open in ui.perfetto.dev) to this JSON file")
+    parser.add_argument("--memory-png", help="write the memory per pipeline stage to this PNG file")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    """Run `modelpar simulate`; returns the exit code (bad input raises SpecError)."""
+    from modelpar.specs import load_cluster, load_model, load_plan
+
+    model = load_model(args.model)
+    cluster = load_cluster(args.cluster)
+    plan = _complete(load_plan(args.plan), args.devices)
+    num_devices = args.devices or plan.world_size
+    if cluster.num_devices is not None and num_devices > cluster.num_devices:
+        raise SpecError(f"--devices {num_devices} exceeds the {cluster.num_devices} devices of cluster '{cluster.name}'")
+    plan.check(model, num_devices)
+    predicted = predict_schedule(model, cluster, plan, num_devices)
+    title = f"{model.name} on {cluster.name}: {describe_plan(plan)}"
+    outputs = {"png": None, "trace": None, "memory_png": None}
+    if args.png:
+        from modelpar.report.timeline import gantt_png
+
+        outputs["png"] = str(gantt_png(predicted.events, args.png, title=f"predicted step, {title}",
+                                       row_name="pipeline rank"))
+    if args.trace:
+        from modelpar.report.timeline import write_chrome_trace
+
+        outputs["trace"] = str(write_chrome_trace(predicted.events, args.trace, row_name="pipeline rank"))
+    if getattr(args, "memory_png", None):
+        outputs["memory_png"] = str(_memory_png(model, cluster, plan, predicted, args.memory_png, title))
+    document = _summary(predicted, outputs)
+    if args.json:
+        json.dump(document, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        _print_summary(document, title)
+    return 0
+
+
+def _complete(plan: ParallelPlan, devices: int | None) -> ParallelPlan:
+    """Unset plan fields get the runtime's defaults (`train.complete_plan`), what `modelpar train
+    --plan` would run; with --devices, d = N / (t p) when the plan leaves it unset."""
+    from modelpar.train import complete_plan
+
+    if devices is not None and devices < 1:
+        raise SpecError(f"--devices must be a positive integer, got {devices}")
+    if devices and plan.data_parallel is None:
+        model_parallel = (plan.tensor_parallel or 1) * (plan.pipeline_parallel or 1)
+        if devices % model_parallel:
+            raise SpecError(f"--devices {devices} is not a multiple of tensor x pipeline = {model_parallel}")
+        plan = plan.with_(data_parallel=devices // model_parallel)
+    return complete_plan(plan)
+
+
+def _memory_png(model, cluster, plan, predicted: PredictedSchedule, path: str, title: str) -> Path:
+    from modelpar.planner.memory import memory_per_device
+    from modelpar.report.memory_plot import memory_png
+
+    in_flight = tuple(max(1, k) for k in predicted.simulation.peak_in_flight)
+    breakdowns = [memory_per_device(model, plan, cluster.device.memory_bytes, in_flight, stage=rank)
+                  for rank in range(plan.pipeline_parallel)]
+    return memory_png(breakdowns, path, title=f"memory per device, {title}",
+                      stage_labels=[f"rank {rank}" for rank in range(plan.pipeline_parallel)])
+
+
+def _summary(predicted: PredictedSchedule, outputs: dict) -> dict:
+    simulation, times = predicted.simulation, predicted.times
+    return {
+        "makespan_s": simulation.makespan,
+        "bubble_fraction": simulation.bubble_fraction,
+        "peak_in_flight": list(simulation.peak_in_flight),
+        "png": outputs["png"],
+        "trace": outputs["trace"],
+        "memory_png": outputs["memory_png"],
+        "step_time_s": predicted.step_time_s,
+        "estimated_step_time_s": predicted.estimate.step_time_s,
+        "forward_s": [list(row) for row in times.forward_s],
+        "backward_s": [list(row) for row in times.backward_s],
+        "p2p_s": times.p2p_s,
+        "grad_sync_s": times.grad_sync_s,
+        "optimizer_s": times.optimizer_s,
+        "plan": predicted.plan.to_dict(),
+    }
+
+
+def _print_summary(document: dict, title: str) -> None:
+    from modelpar.report.timeline import format_duration
+
+    print(title)
+    print(f"  pipeline makespan   {format_duration(document['makespan_s'])}")
+    print(f"  bubble fraction     {document['bubble_fraction']:.1%}")
+    print(f"  peak in flight      {', '.join(map(str, document['peak_in_flight']))} (per pipeline rank)")
+    print(f"  step (with tail)    {format_duration(document['step_time_s'])}"
+          f"  (cost model estimate {format_duration(document['estimated_step_time_s'])})")
+    for key, label in (("png", "Gantt chart"), ("trace", "Chrome trace"), ("memory_png", "memory chart")):
+        if document[key]:
+            print(f"  {label:<19} {document[key]}")
+    if not (document["png"] or document["trace"]):
+        print("  (give --png OUT.png and/or --trace OUT.json to draw the timeline)")
