@@ -15,9 +15,13 @@ MEMORY_KEYS = ("parameters", "gradients", "optimizer_states", "activations", "em
 
 
 def _console():
+    import shutil
+
     from rich.console import Console
 
-    return Console(highlight=False)
+    # Piped output would otherwise wrap at 80 columns and fold every table cell.
+    width = max(shutil.get_terminal_size((140, 24)).columns, 120)
+    return Console(highlight=False, width=width)
 
 
 def _as_dict(value: Any) -> dict:

@@ -1,0 +1,367 @@
+"""Step time, utilisation, energy and memory of one complete plan.
+
+One optimizer step of a t x p x d plan with m = B / (b d) micro-batches per pipeline (v model
+chunks per pipeline rank) is modelled as
+
+    step = m x (slowest rank's compute + tensor-parallel communication per micro-batch)
+         + bubble + exposed pipeline p2p + exposed data-parallel communication + optimizer step
+
+- compute (`compute.py`): per layer and micro-batch, forward, backward (2x the forward GEMMs)
+  and the recomputed forward (full: the whole layer; selective: the attention core), on the
+  layers of the rank's chunks; the first rank adds the embedding, the last the logits and the
+  loss. The slowest rank sets the pace.
+- tensor-parallel communication (`comm.py`), per layer and micro-batch, on the critical path
+  (Megatron-LM issues it synchronously between the GEMMs): without sequence parallelism two
+  all-reduces of the [s, b, h] activation in the forward and two in the backward (Shoeybi et al.
+  2019, Fig. 3: g and f); with sequence parallelism each becomes an all-gather + reduce-scatter of
+  the same total volume (Korthikanti et al. 2022, Sec. 4.2.2). Full recomputation repeats the
+  forward's. The backward re-gathers the sequence-parallel input for the weight gradient;
+  Megatron overlaps that with the input-gradient GEMM, so it is not counted.
+- bubble: the schedule's idle share f from the simulation of its real action lists
+  (`planner.pipeline`; the equal closed form for long schedules and inside the search):
+  bubble = f / (1 - f) x m x (mean rank time per micro-batch), e.g. f = (p - 1)/(m + p - 1) for
+  1F1B, (p - 1)/(v m + p - 1) interleaved. Memory uses the schedule's peak in-flight
+  (chunk, micro-batch) pairs per rank.
+- pipeline p2p: each (chunk, micro-batch) receives its input and sends its output in the forward
+  and the same in the backward; Megatron's blocking send/receive pairs put one transfer per
+  direction on the critical path: 2 (v m + p - 1) transfers of b s h / t values (the
+  scatter/gather optimisation of Narayanan et al. 2021 Sec. 4.1: each tensor rank sends 1/t,
+  the receiving stage all-gathers over NVLink; with sequence parallelism the activation is already
+  split and nothing is gathered).
+- data parallelism (first pipeline rank: it holds the embedding and finishes its backward
+  last, so its reduction is the one left when the step ends): ZeRO-0 all-reduces the 16-bit
+  gradients over the d replicas; ZeRO-1/2 reduce-scatter them and all-gather the updated 16-bit
+  weights (the same ring volume); ZeRO-3 also gathers each layer's weights before every forward,
+  backward and recomputation of every micro-batch and reduce-scatters its gradients per
+  micro-batch (Rajbhandari et al. 2020). What overlaps (`data_parallel_exposure`): the gradient
+  reduction runs bucket by bucket during the backward of the last micro-batch (PyTorch DDP,
+  DeepSpeed `overlap_comm`, Megatron-LM `--overlap-grad-reduce`) and ZeRO-1/2's weight gather
+  during the next step's first forward (`--overlap-param-gather`); what does not fit in that
+  window, and the bucket of the last layer to finish, is exposed. ZeRO-3's per-micro-batch
+  traffic is hidden behind that micro-batch's compute except for its excess and one layer's
+  worth. Tensor-parallel and pipeline communication are never overlapped (above).
+- optimizer: Adam over the local (ZeRO-sharded) parameters, memory-bound.
+
+MFU counts model FLOPs (no recomputation), HFU hardware FLOPs, both from `planner.flops`.
+Energy = device power x devices x step time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from modelpar.planner import comm, compute, flops
+from modelpar.planner.constants import GRADIENT_BYTES, USABLE_MEMORY_FRACTION
+from modelpar.planner.memory import MemoryBreakdown, memory_per_device, stage_parameters
+from modelpar.planner.pipeline import bubble_fraction as simulated_bubble_fraction
+from modelpar.planner.pipeline import closed_form_bubble_fraction
+from modelpar.specs.cluster import ClusterSpec
+from modelpar.specs.errors import SpecError
+from modelpar.specs.model import ModelSpec
+from modelpar.specs.plan import ParallelPlan
+
+GIB = 2**30
+SIMULATION_ACTION_LIMIT = 4096
+"""`estimate` simulates schedules with up to this many (rank, chunk, micro-batch) forward steps
+(a few ms each, cached); longer ones, and every candidate of the search, use the closed-form
+bubble, which the simulation reproduces exactly for these schedules with uniform stages
+(tests/unit/test_cost.py sweeps it). Simulating a 128-stage pipeline with 1024 micro-batches
+takes about a second, and a search meets hundreds of schedule shapes."""
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """Predicted cost of one optimizer step of a complete plan."""
+
+    plan: ParallelPlan
+    step_time_s: float
+    mfu: float
+    hfu: float
+    breakdown: dict[str, float] = field(compare=False)
+    memory: MemoryBreakdown = field(compare=False)
+    energy_per_step_j: float
+    energy_per_token_j: float
+    device_name: str = ""
+    num_devices: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.breakdown.get("tokens_per_step", 0.0) / self.step_time_s
+
+
+def estimate(model: ModelSpec, cluster: ClusterSpec, num_devices: int, plan: ParallelPlan) -> StepEstimate:
+    """Predict step time, MFU/HFU, energy and memory of a complete `plan` (see module docstring).
+
+    Raises SpecError when the plan is incomplete or cannot run (divisibility, schedule rules).
+    A plan that runs out of memory still gets an estimate with `memory.fits` False; call
+    `check_fits` to turn that into an error.
+    """
+    plan.check(model, num_devices)
+    if plan.pipeline_parallel > 1 and plan.schedule == "interleaved" and plan.virtual_stages < 2:
+        raise SpecError("plan: schedule 'interleaved' needs virtual_stages >= 2 (or use '1f1b')")
+    return _estimate(model, cluster, plan)
+
+
+def check_fits(step: StepEstimate) -> None:
+    """Raise SpecError when `step`'s plan does not fit in device memory, naming the largest part."""
+    memory = step.memory
+    if memory.fits:
+        return
+    name, size = memory.largest_component()
+    advice = {
+        "activations": "try recompute 'selective' or 'full', sequence_parallel, a smaller micro_batch_size "
+        "or more pipeline stages",
+        "optimizer_states": "try zero_stage 1 or more, or more tensor/pipeline parallelism",
+        "gradients": "try zero_stage 2, or more tensor/pipeline parallelism",
+        "parameters": "try more tensor/pipeline parallelism or zero_stage 3",
+        "embedding_and_logits": "try a smaller micro_batch_size or more tensor parallelism",
+    }[name]
+    device = f" on {step.device_name}" if step.device_name else ""
+    raise SpecError(
+        f"plan needs {memory.total / GIB:.1f} GiB per device{device} "
+        f"({memory.capacity / USABLE_MEMORY_FRACTION / GIB:.0f} GiB, {memory.capacity / GIB:.1f} GiB usable; "
+        f"{memory.shortfall / GIB:.1f} GiB over): {name.replace('_', ' ')} {size / GIB:.1f} GiB are the largest; "
+        f"{advice}"
+    )
+
+
+def usable_memory_bytes(cluster: ClusterSpec) -> float:
+    """Device memory a plan may fill: USABLE_MEMORY_FRACTION of the device's capacity."""
+    return cluster.device.memory_bytes * USABLE_MEMORY_FRACTION
+
+
+# --- pipeline schedule -------------------------------------------------------------------------
+
+
+def pipeline_profile(schedule: str, p: int, m: int, v: int, simulate: bool = True) -> tuple[float, tuple[int, ...]]:
+    """(bubble fraction, peak in-flight (chunk, micro-batch) pairs per rank) of a schedule.
+
+    The bubble comes from simulating the schedule's action lists (`planner.pipeline`, cached)
+    when `simulate` and the schedule has at most SIMULATION_ACTION_LIMIT forward steps, else from
+    the closed form that the simulation matches. In-flight counts follow the schedules' warm-up
+    lengths (GPipe m; 1F1B min(p - r, m); interleaved min(2 (p - r - 1) + (v - 1) p + 1, v m)),
+    which the simulation reproduces (tested).
+    """
+    return _pipeline_profile(schedule, p, m, v, simulate and p * m * v <= SIMULATION_ACTION_LIMIT)
+
+
+@functools.lru_cache(maxsize=65536)
+def _pipeline_profile(schedule: str, p: int, m: int, v: int, simulate: bool) -> tuple[float, tuple[int, ...]]:
+    if p == 1:
+        bubble = 0.0
+    elif simulate:
+        bubble = simulated_bubble_fraction(schedule, p, m, v)
+    else:
+        bubble = closed_form_bubble_fraction(schedule, p, m, v)
+    if schedule == "gpipe":
+        in_flight = tuple(m for _ in range(p))
+    elif schedule == "interleaved":
+        in_flight = tuple(min(2 * (p - r - 1) + (v - 1) * p + 1, v * m) for r in range(p))
+    else:
+        in_flight = tuple(min(p - r, m) for r in range(p))
+    return bubble, in_flight
+
+
+# --- communication pieces ----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8192)
+def tensor_comm_per_layer(
+    model: ModelSpec, cluster: ClusterSpec, micro_batch_size: int, tensor_parallel: int, sequence_parallel: bool,
+    recompute: str,
+) -> tuple[float, float, float]:
+    """(forward, backward, recompute) seconds of tensor-parallel collectives per layer and micro-batch."""
+    t = tensor_parallel
+    if t == 1:
+        return 0.0, 0.0, 0.0
+    link = comm.tensor_link(cluster, t)
+    activation = micro_batch_size * model.seq_length * model.hidden_size * compute.VALUE_BYTES
+    if sequence_parallel:
+        one_pass = 2 * (comm.all_gather_time(activation, t, link) + comm.reduce_scatter_time(activation, t, link))
+    else:
+        one_pass = 2 * comm.all_reduce_time(activation, t, link)
+    return one_pass, one_pass, one_pass if recompute == "full" else 0.0
+
+
+@functools.lru_cache(maxsize=8192)
+def p2p_per_transfer(
+    model: ModelSpec, cluster: ClusterSpec, micro_batch_size: int, tensor_parallel: int, pipeline_parallel: int,
+    sequence_parallel: bool,
+) -> float:
+    """Seconds of one activation (or gradient) transfer between consecutive stages."""
+    if pipeline_parallel == 1:
+        return 0.0
+    t = tensor_parallel
+    activation = micro_batch_size * model.seq_length * model.hidden_size * compute.VALUE_BYTES
+    seconds = comm.p2p_time(activation / t, comm.pipeline_link(cluster, t, pipeline_parallel))
+    if t > 1 and not sequence_parallel:  # scatter/gather: rebuild the full activation on the receiver
+        seconds += comm.all_gather_time(activation, t, comm.tensor_link(cluster, t))
+    return seconds
+
+
+# --- the estimate ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankWork:
+    """Seconds per micro-batch of the first, a middle and the last pipeline rank (all chunks):
+    compute (incl. recomputation, embedding, head), recomputation alone, embedding + head alone,
+    tensor-parallel communication (the same on every rank), and the first rank's forward and
+    backward (incl. recomputation and tensor-parallel communication), the windows that hide
+    data-parallel communication."""
+
+    compute: tuple[float, float, float]
+    recompute: float
+    edges: tuple[float, float, float]
+    tensor_comm: float
+    first_forward: float
+    first_backward: float
+
+
+@functools.lru_cache(maxsize=16384)
+def rank_work(
+    model: ModelSpec, cluster: ClusterSpec, tensor_parallel: int, pipeline_parallel: int, micro_batch_size: int,
+    sequence_parallel: bool, recompute: str,
+) -> RankWork:
+    """Per-micro-batch work of the pipeline ranks; v does not matter (a rank always holds l / p layers)."""
+    device = cluster.device
+    t, p, b = tensor_parallel, pipeline_parallel, micro_batch_size
+    sp = sequence_parallel and t > 1
+    layer = compute.layer_compute(model, device, b, t, sp, recompute)
+    tp_fwd, tp_bwd, tp_rc = tensor_comm_per_layer(model, cluster, b, t, sp, recompute)
+    layers = model.num_layers // p
+    body = layers * (layer.forward_s + layer.backward_s + layer.recompute_s)
+    embed_fwd, embed_bwd = compute.embedding_compute(model, device, b, t, sp)
+    head_fwd, head_bwd = compute.head_compute(model, device, b, t, sp)
+    head = head_fwd + head_bwd
+    edges = (embed_fwd + embed_bwd + (head if p == 1 else 0.0), 0.0, head)
+    first_forward = layers * (layer.forward_s + tp_fwd) + embed_fwd + (head_fwd if p == 1 else 0.0)
+    first_backward = layers * (layer.backward_s + layer.recompute_s + tp_bwd + tp_rc) + embed_bwd
+    return RankWork(
+        compute=tuple(body + edge for edge in edges),
+        recompute=layers * layer.recompute_s,
+        edges=edges,
+        tensor_comm=layers * (tp_fwd + tp_bwd + tp_rc),
+        first_forward=first_forward,
+        first_backward=first_backward + (head_bwd if p == 1 else 0.0),
+    )
+
+
+@functools.lru_cache(maxsize=16384)
+def data_parallel_work(
+    model: ModelSpec, cluster: ClusterSpec, tensor_parallel: int, pipeline_parallel: int, data_parallel: int,
+    zero_stage: int,
+) -> tuple[float, float, float]:
+    """(gradient reduction s, weight all-gather s, optimizer step s) of the first pipeline rank.
+
+    ZeRO-0: all-reduce of the gradients, no gather. ZeRO-1/2: reduce-scatter of the gradients and
+    all-gather of the updated 16-bit weights. ZeRO-3: reduce-scatter, and one all-gather of the
+    weights, which happens before every forward, backward and recomputation.
+    """
+    t, p, d = tensor_parallel, pipeline_parallel, data_parallel
+    parameters = stage_parameters(model, t, p, 0)
+    optimizer_s = compute.optimizer_time(cluster.device, parameters / (d if zero_stage >= 1 else 1))
+    if d == 1:
+        return 0.0, 0.0, optimizer_s
+    link = comm.data_link(cluster, t, p, d)
+    gradient_bytes = GRADIENT_BYTES * parameters
+    if zero_stage == 0:
+        return comm.all_reduce_time(gradient_bytes, d, link), 0.0, optimizer_s
+    gather = comm.all_gather_time(compute.VALUE_BYTES * parameters, d, link)
+    return comm.reduce_scatter_time(gradient_bytes, d, link), gather, optimizer_s
+
+
+def data_parallel_exposure(
+    reduce_s: float, gather_s: float, zero_stage: int, work: RankWork, m: int, layers: int, recompute: str
+) -> tuple[float, float]:
+    """(exposed, overlapped) data-parallel seconds of the first pipeline rank (module docstring).
+
+    Bucketed overlap (PyTorch DDP, DeepSpeed `overlap_comm`, Megatron-LM `--overlap-grad-reduce`
+    / `--overlap-param-gather`): the gradient reduction runs during the backward of the last
+    micro-batch, except the last layer's bucket (1/layers of it), which is ready only when the
+    backward ends; ZeRO-1/2's weight all-gather runs during the next step's first forward, except
+    the first layer's. ZeRO-3 gathers each layer's weights before its forward, backward (and
+    recomputation) and reduce-scatters its gradients in every micro-batch, prefetching one layer
+    ahead: all but the excess over that micro-batch's compute, and one layer's worth, is hidden.
+    """
+    if reduce_s == 0.0:
+        return 0.0, 0.0
+    if zero_stage == 3:
+        passes = 3 if recompute == "full" else 2
+        per_micro_batch = passes * gather_s + reduce_s
+        total = m * per_micro_batch
+        exposed = m * max(0.0, per_micro_batch - (work.first_forward + work.first_backward))
+        exposed = min(total, exposed + per_micro_batch / layers)
+        return exposed, total - exposed
+    exposed = min(reduce_s, max(0.0, reduce_s - work.first_backward) + reduce_s / layers)
+    if gather_s:
+        exposed += min(gather_s, max(0.0, gather_s - work.first_forward) + gather_s / layers)
+    return exposed, reduce_s + gather_s - exposed
+
+
+BREAKDOWN_KEYS = (
+    "compute_s", "recompute_s", "embedding_and_logits_s", "tensor_parallel_comm_s", "bubble_s", "pipeline_p2p_s",
+    "data_parallel_comm_s", "optimizer_s", "overlapped_comm_s",
+)
+
+
+def step_time_parts(
+    model: ModelSpec, cluster: ClusterSpec, t: int, p: int, d: int, v: int, b: int, m: int, sp: bool, recompute: str,
+    zero_stage: int, schedule: str, simulate: bool = True,
+) -> tuple[float, tuple[float, ...], float]:
+    """(step seconds, the BREAKDOWN_KEYS values, bubble fraction) of a complete, valid plan.
+
+    The search calls this for every candidate (with `simulate` False: closed-form bubbles); every
+    piece is cached on the few plan fields it depends on.
+    """
+    sp = sp and t > 1
+    work = rank_work(model, cluster, t, p, b, sp, recompute)
+    bubble_fraction = pipeline_profile(schedule, p, m, v, simulate)[0]
+    totals = [c + work.tensor_comm for c in work.compute]
+    slowest = max(range(3), key=totals.__getitem__) if p > 1 else 0
+    compute_s = m * work.compute[slowest]
+    tensor_comm_s = m * work.tensor_comm
+    bubble_s = 0.0
+    if p > 1:
+        mean_rank = (totals[0] + (p - 2) * totals[1] + totals[2]) / p
+        bubble_s = bubble_fraction / (1.0 - bubble_fraction) * m * mean_rank
+    p2p_s = 2 * (v * m + p - 1) * p2p_per_transfer(model, cluster, b, t, p, sp) if p > 1 else 0.0
+    reduce_s, gather_s, optimizer_s = data_parallel_work(model, cluster, t, p, d, zero_stage)
+    dp_s, overlapped_s = data_parallel_exposure(
+        reduce_s, gather_s, zero_stage, work, m, model.num_layers // p, recompute
+    )
+    step = compute_s + tensor_comm_s + bubble_s + p2p_s + dp_s + optimizer_s
+    parts = (
+        compute_s, m * work.recompute, m * work.edges[slowest], tensor_comm_s, bubble_s, p2p_s, dp_s, optimizer_s,
+        overlapped_s,
+    )
+    return step, parts, bubble_fraction
+
+
+def _estimate(model: ModelSpec, cluster: ClusterSpec, plan: ParallelPlan) -> StepEstimate:
+    device = cluster.device
+    t, p, d, v = plan.tensor_parallel, plan.pipeline_parallel, plan.data_parallel, plan.virtual_stages
+    b, m = plan.micro_batch_size, plan.num_micro_batches
+    step, parts, bubble_fraction = step_time_parts(
+        model, cluster, t, p, d, v, b, m, bool(plan.sequence_parallel), plan.recompute, plan.zero_stage, plan.schedule
+    )
+    in_flight = pipeline_profile(plan.schedule, p, m, v)[1]
+    memory = memory_per_device(model, plan, usable_memory_bytes(cluster), in_flight)
+    tokens = plan.global_batch_size * model.seq_length
+    num_devices = t * p * d
+    energy = device.power_watts * num_devices * step
+    breakdown = dict(zip(BREAKDOWN_KEYS, parts))
+    breakdown.update(bubble_fraction=bubble_fraction, num_micro_batches=float(m), tokens_per_step=float(tokens))
+    return StepEstimate(
+        plan=plan,
+        step_time_s=step,
+        mfu=flops.mfu(model, plan.global_batch_size, step, num_devices, device.peak_tflops),
+        hfu=flops.hfu(model, plan.global_batch_size, plan.recompute, step, num_devices, device.peak_tflops),
+        breakdown=breakdown,
+        memory=memory,
+        energy_per_step_j=energy,
+        energy_per_token_j=energy / tokens,
+        device_name=device.name,
+        num_devices=num_devices,
+    )

@@ -1,0 +1,216 @@
+"""Predict published training runs and compare with their measured step times.
+
+Each run of `shared/validation/published_runs.json` (format: that folder's README.md) gives a
+model, a cluster (preset name or inline object), a device count, a partial plan (null = the
+source did not say) and the measured seconds per step. The run's plan has no schedule: it is
+'interleaved' when virtual_stages > 1 and unknown otherwise. `validate_runs` fills the unknowns
+with the planner's own best choice (`search.search` over the nulls only), predicts the step time
+and reports relative_error = predicted / measured - 1, per run and summarised per source.
+
+Nothing here is specific to a run or a source: every run goes through the same search and the
+same cost model with the same constants (`planner/constants.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelpar.planner.search import search
+from modelpar.specs.cluster import ClusterSpec
+from modelpar.specs.errors import SpecError
+from modelpar.specs.io import from_dict, load_cluster, read_json
+from modelpar.specs.model import ModelSpec
+from modelpar.specs.plan import ParallelPlan
+
+PLAN_FIELDS = (
+    "tensor_parallel", "pipeline_parallel", "data_parallel", "virtual_stages", "micro_batch_size",
+    "global_batch_size", "sequence_parallel", "recompute", "zero_stage", "schedule",
+)
+
+
+@dataclass(frozen=True)
+class ValidationRow:
+    """One run: what was predicted, what was measured, and what the planner filled in."""
+
+    name: str
+    group: str
+    predicted_step_time_s: float
+    measured_step_time_s: float
+    relative_error: float
+    predicted_mfu: float
+    measured_mfu: float | None
+    chosen: dict[str, Any] = field(compare=False)
+    plan: ParallelPlan | None = None
+    breakdown: dict[str, float] = field(default_factory=dict, compare=False)
+    error: str | None = None  # why no prediction was possible (then the numbers are NaN)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: the numbers of a failed run are null (not NaN)."""
+        def number(value: float) -> float | None:
+            return None if value != value else value
+
+        return {
+            "name": self.name, "group": self.group, "predicted_step_time_s": number(self.predicted_step_time_s),
+            "measured_step_time_s": self.measured_step_time_s, "relative_error": number(self.relative_error),
+            "predicted_mfu": number(self.predicted_mfu), "measured_mfu": self.measured_mfu, "chosen": self.chosen,
+            "plan": self.plan.to_dict() if self.plan else None, "breakdown": self.breakdown, "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    runs: list[ValidationRow]
+    summary: dict[str, Any]
+
+    def to_dict(self) -> dict:
+        return {"runs": [row.to_dict() for row in self.runs], "summary": self.summary}
+
+
+def validate_runs(path_or_data: str | os.PathLike | dict | list) -> ValidationReport:
+    """Predict every run of a published-runs file (path, parsed document, or list of runs)."""
+    data = read_json(path_or_data) if isinstance(path_or_data, (str, os.PathLike)) else path_or_data
+    runs = data.get("runs") if isinstance(data, dict) else data
+    if not isinstance(runs, list) or not runs:
+        raise SpecError("validation file: expected {'runs': [...]} with at least one run")
+    groups = _group_labels(runs)
+    rows = [_predict(run, groups[index]) for index, run in enumerate(runs)]
+    return ValidationReport(runs=rows, summary=summarise(rows))
+
+
+def summarise(rows: list[ValidationRow]) -> dict[str, Any]:
+    """count, median and max |relative error|, and per group the count and median."""
+    predicted = [row for row in rows if row.error is None]
+    errors = [abs(row.relative_error) for row in predicted]
+    per_group: dict[str, dict[str, float]] = {}
+    for group in dict.fromkeys(row.group for row in predicted):
+        members = [abs(row.relative_error) for row in predicted if row.group == group]
+        per_group[group] = {
+            "count": len(members),
+            "median_abs_relative_error": statistics.median(members),
+            "max_abs_relative_error": max(members),
+        }
+    return {
+        "count": len(predicted),
+        "failed": len(rows) - len(predicted),
+        "median_abs_relative_error": statistics.median(errors) if errors else float("nan"),
+        "max_abs_relative_error": max(errors) if errors else float("nan"),
+        "per_group": per_group,
+    }
+
+
+def format_table(report: ValidationReport, runs: bool = True) -> str:
+    """Plain-text table: every run (optional), then the per-group and overall summary."""
+    lines = []
+    if runs:
+        lines.append(f"{'run':<48} {'pred s':>9} {'meas s':>9} {'err':>7} {'MFU':>6}  chosen")
+        for row in report.runs:
+            if row.error:
+                lines.append(f"{row.name:<48} {'-':>9} {row.measured_step_time_s:>9.3f}  failed: {row.error}")
+                continue
+            chosen = " ".join(f"{key}={value}" for key, value in row.chosen.items())
+            lines.append(
+                f"{row.name[:48]:<48} {row.predicted_step_time_s:>9.3f} {row.measured_step_time_s:>9.3f} "
+                f"{100 * row.relative_error:>+6.1f}% {row.predicted_mfu:>6.3f}  {chosen}"
+            )
+        lines.append("")
+    lines.append(f"{'group':<24} {'runs':>5} {'median |err|':>13} {'max |err|':>10}")
+    for group, stats in report.summary["per_group"].items():
+        lines.append(
+            f"{group:<24} {stats['count']:>5} {100 * stats['median_abs_relative_error']:>12.1f}% "
+            f"{100 * stats['max_abs_relative_error']:>9.1f}%"
+        )
+    summary = report.summary
+    lines.append(
+        f"{'all':<24} {summary['count']:>5} {100 * summary['median_abs_relative_error']:>12.1f}% "
+        f"{100 * summary['max_abs_relative_error']:>9.1f}%"
+    )
+    return "\n".join(lines)
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+
+def run_inputs(run: dict) -> tuple[ModelSpec, ClusterSpec, int, ParallelPlan]:
+    """(model, cluster, devices, partial plan) of one run record."""
+    name = run.get("name", "run")
+    model = from_dict(ModelSpec, {**run["model"], "name": name}, f"{name}.model")
+    cluster_data = run["cluster"]
+    cluster = load_cluster(cluster_data) if isinstance(cluster_data, str) else from_dict(
+        ClusterSpec, cluster_data, f"{name}.cluster"
+    )
+    plan_data = dict(run["plan"])
+    if plan_data.get("context_parallel") is None:
+        plan_data["context_parallel"] = 1  # only 1 is supported; null means "not used"
+    if "schedule" not in plan_data:
+        virtual = plan_data.get("virtual_stages")
+        plan_data["schedule"] = "interleaved" if virtual is not None and virtual > 1 else None
+    plan = from_dict(ParallelPlan, plan_data, f"{name}.plan")
+    return model, cluster, int(run["num_devices"]), plan
+
+
+def _predict(run: dict, group: str) -> ValidationRow:
+    name = run.get("name", "run")
+    measured = run["measured"]
+    measured_s = float(measured["step_time_s"])
+    try:
+        model, cluster, devices, partial = run_inputs(run)
+        result = search(model, cluster, devices, partial, top=1)
+        if not result.plans:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(result.rejected.items()))
+            raise SpecError(f"no feasible plan ({reasons})")
+    except SpecError as error:
+        nan = float("nan")
+        return ValidationRow(name, group, nan, measured_s, nan, nan, measured.get("mfu"), {}, error=str(error))
+    best = result.plans[0]
+    chosen = {key: getattr(best.plan, key) for key in PLAN_FIELDS if getattr(partial, key) is None}
+    return ValidationRow(
+        name=name,
+        group=group,
+        predicted_step_time_s=best.step_time_s,
+        measured_step_time_s=measured_s,
+        relative_error=best.step_time_s / measured_s - 1.0,
+        predicted_mfu=best.mfu,
+        measured_mfu=measured.get("mfu"),
+        chosen=chosen,
+        plan=best.plan,
+        breakdown=dict(best.breakdown),
+    )
+
+
+def _group_labels(runs: list[dict]) -> list[str]:
+    """Group = the run's source; labelled by the name tokens all its runs share, up to the first
+    token that starts with a digit or has two characters or fewer (a size, 't1', 'gt'):
+    'narayanan21', 'megatron_readme_h100', 'vtrain', ..."""
+    names_by_source: dict[str, list[list[str]]] = {}
+    for run in runs:
+        names_by_source.setdefault(run.get("source", run.get("name", "")), []).append(run.get("name", "run").split("_"))
+    labels = {}
+    for source, names in names_by_source.items():
+        shared = []
+        for tokens in zip(*names):
+            if len(set(tokens)) > 1 or re.match(r"\d", tokens[0]) or len(tokens[0]) <= 2:
+                break
+            shared.append(tokens[0])
+        labels[source] = "_".join(shared) or names[0][0]
+    return [labels[run.get("source", run.get("name", ""))] for run in runs]
+
+
+def default_runs_path() -> Path:
+    """`shared/validation/published_runs.json` next to the repository (../shared from its root)."""
+    return Path(__file__).resolve().parents[3].parent / "shared" / "validation" / "published_runs.json"
+
+
+def main() -> None:  # pragma: no cover - convenience for `python -m modelpar.planner.validate`
+    report = validate_runs(default_runs_path())
+    print(format_table(report))
+    print(json.dumps({k: v for k, v in report.summary.items() if k != "per_group"}))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
