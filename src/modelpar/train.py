@@ -1,0 +1,564 @@
+"""The training loop: one `RankTrainer` per rank runs a `ParallelPlan` on a GPT; `run_training`
+spawns the ranks (or joins torchrun) and summarises loss, throughput, MFU and memory.
+
+One step on every rank:
+
+1. build the step's global batch from (seed, step) and keep this replica's m micro-batches;
+2. `PipelineExecutor` runs the rank's schedule actions (forward/backward of its chunks, p2p);
+   data-parallel buckets are all-reduced from gradient hooks during the last backward of each chunk;
+3. gradient synchronisation: wait for the buckets; sum the tied word-embedding gradient of the
+   first and last stage (p > 1); sum sequence-parallel / replicated-KV gradients over the tensor group;
+4. the step's loss, mean over the global batch, is all-reduced to every rank;
+5. optimizer step (AdamW; ZeRO-1 shards it over the data group; bf16 keeps fp32 master weights).
+
+This module imports torch only inside functions, so `modelpar --help` and `modelpar plan` start fast.
+The command line (`modelpar train`, contract in DESIGN.md) is `add_train_arguments` + `train_command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+from modelpar.specs import ModelSpec, ParallelPlan, SpecError, load_cluster, load_model, load_plan
+
+DEFAULT_STEPS = 20
+DEFAULT_MICRO_BATCH_SIZE = 2
+DEFAULT_LEARNING_RATE = 3e-3
+DEFAULT_WEIGHT_DECAY = 0.1
+RUNTIME_ZERO_STAGES = (0, 1)
+CRASH_RANK_ENV = "MODELPAR_CRASH_RANK"
+"""Fault injection for tests: the rank named here exits abruptly (os._exit) at the start of step 1."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a rank needs to train; picklable, identical on every rank."""
+
+    model: ModelSpec
+    plan: ParallelPlan
+    steps: int = DEFAULT_STEPS
+    seed: int = 0
+    dtype: str = "fp32"
+    data_path: str | None = field(default=None, metadata={"doc": "text file, 'synthetic', or None (packaged corpus)"})
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
+    bucket_bytes: int = 25 * 2**20
+    progress: bool = True
+    crash_rank: int | None = None
+    load_checkpoint: str | None = field(default=None, metadata={"doc": "start from this serial-layout checkpoint"})
+    save_checkpoint: str | None = field(default=None, metadata={"doc": "write the final weights here (serial layout)"})
+
+
+def complete_plan(plan: ParallelPlan) -> ParallelPlan:
+    """Fill a partial plan with the runtime defaults: t = p = d = 1, 1f1b (interleaved with v = 2
+    when asked for without v), b = 2, m = 2p micro-batches, no sequence parallelism, no recompute, ZeRO 0."""
+    p = plan.pipeline_parallel or 1
+    schedule = plan.schedule or "1f1b"
+    v = plan.virtual_stages or (2 if schedule == "interleaved" else 1)
+    b = plan.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE
+    d = plan.data_parallel or 1
+    return plan.with_(
+        tensor_parallel=plan.tensor_parallel or 1, pipeline_parallel=p, data_parallel=d, virtual_stages=v,
+        schedule=schedule, micro_batch_size=b,
+        global_batch_size=plan.global_batch_size or b * d * 2 * p,
+        sequence_parallel=bool(plan.sequence_parallel), recompute=plan.recompute or "none",
+        zero_stage=plan.zero_stage if plan.zero_stage is not None else 0,
+    )
+
+
+def validate_training(config: TrainConfig) -> None:
+    """Everything that can be checked before a rank starts; raises SpecError (one line)."""
+    from modelpar.data import make_token_source
+    from modelpar.models.parallelize import check_tensor_parallel
+    from modelpar.runtime.precision import PrecisionPolicy
+    from modelpar.runtime.schedules import build_schedule
+
+    plan, model = config.plan, config.model
+    plan.check(model, plan.world_size)
+    if plan.zero_stage not in RUNTIME_ZERO_STAGES:
+        raise SpecError(f"plan: zero_stage {plan.zero_stage} is not implemented by the runtime; use 0 or 1 (ZeRO-1)")
+    check_tensor_parallel(model, plan.tensor_parallel, plan.sequence_parallel)
+    build_schedule(plan.schedule, plan.pipeline_parallel, plan.num_micro_batches, plan.virtual_stages)
+    PrecisionPolicy(config.dtype)
+    if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps < 1:
+        raise SpecError(f"--steps must be a positive integer, got {config.steps!r}")
+    source = make_token_source(config.data_path, model.vocab_size, config.seed)
+    source.global_batch(0, 1, model.seq_length)  # a text shorter than one sequence fails here
+    if config.load_checkpoint is not None:
+        _check_checkpoint_matches(config.load_checkpoint, model)
+
+
+def _check_checkpoint_matches(path: str, model: ModelSpec) -> None:
+    from modelpar.models.gpt import init_gpt
+    from modelpar.runtime.checkpoint import load_checkpoint
+
+    state, _ = load_checkpoint(path)
+    expected = {name: tuple(t.shape) for name, t in init_gpt(model, 0).state_dict().items()}
+    got = {name: tuple(t.shape) for name, t in state.items()}
+    if got != expected:
+        wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+        raise SpecError(f"--load-checkpoint {path}: does not match model '{model.name}' (first difference: "
+                        f"{wrong[0]}); load a checkpoint of the same model")
+
+
+class RankTrainer:
+    """One rank's share of the training: its pipeline chunks (tensor-parallel modules inside),
+    the schedule executor, data-parallel reducers and the optimizer.
+
+    `initial_state`: a serial state dict to start from (a checkpoint) instead of `init_gpt(seed)`.
+    """
+
+    def __init__(self, config: TrainConfig, ctx, initial_state: dict | None = None) -> None:
+        import torch
+        import torch.distributed as dist
+        from torch import nn
+
+        from modelpar.data import make_token_source
+        from modelpar.models.gpt import init_gpt
+        from modelpar.models.parallelize import parallelize
+        from modelpar.runtime.data_parallel import GradientReducer
+        from modelpar.runtime.pipeline import (PipelineExecutor, PipelineTopology, Timeline, build_chunks,
+                                               tied_parameters)
+        from modelpar.runtime.precision import PrecisionPolicy
+        from modelpar.runtime.recompute import apply_recompute
+        from modelpar.runtime.schedules import build_schedule
+        from modelpar.runtime.zero import AdamW, ZeroOneAdamW
+
+        self.config, self.ctx = config, ctx
+        plan, spec = config.plan, config.model
+        self.plan, self.spec = plan, spec
+        t, p, d, v = plan.tensor_parallel, plan.pipeline_parallel, plan.data_parallel, plan.virtual_stages
+        self.num_micro_batches = m = plan.num_micro_batches
+        self.policy = PrecisionPolicy(config.dtype)
+        self.source = make_token_source(config.data_path, spec.vocab_size, config.seed)
+
+        serial = init_gpt(spec, config.seed)
+        if initial_state is not None:
+            serial.load_state_dict(initial_state)
+        model = parallelize(serial, ctx, plan.sequence_parallel)
+        self.chunks = build_chunks(model, ctx.pipeline_rank, p, v)
+        self.modules = nn.ModuleList(self.chunks)
+        apply_recompute([layer for chunk in self.chunks for layer in chunk.layers], plan.recompute)
+        self.tied = spec.tied_embeddings and p > 1
+        self.tied_params = [param for _, param in tied_parameters(model)] if self.tied else []
+        self.embedding_group = self._embedding_group(dist) if self.tied else None
+        del model, serial
+
+        params = list(self.modules.parameters())
+        adamw = dict(lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=config.weight_decay)
+        self.zero = plan.zero_stage >= 1 and d > 1
+        if self.zero or self.policy.mixed:  # fp32 master weights captured before the bf16 cast
+            self.optimizer = ZeroOneAdamW(params, ctx.data_group if self.zero else None, **adamw)
+        else:
+            self.optimizer = AdamW(params, **adamw)
+        self.policy.cast_model(self.modules)
+        self.reducers = None
+        if d > 1 and not self.zero:
+            self.reducers = [GradientReducer(list(chunk.parameters()), ctx.data_group, config.bucket_bytes)
+                             for chunk in self.chunks]
+
+        local_seq = spec.seq_length // t if (plan.sequence_parallel and t > 1) else spec.seq_length
+        self.timeline = Timeline()
+        self.executor = PipelineExecutor(
+            self.chunks, PipelineTopology.from_context(ctx, v),
+            build_schedule(plan.schedule, p, m, v)[ctx.pipeline_rank], m,
+            (plan.micro_batch_size, local_seq, spec.hidden_size), self.policy.compute_dtype, ctx.device,
+            grad_reducers=self.reducers, loss_fn=self.policy.loss_for_backward, timeline=self.timeline,
+        )
+
+    def _embedding_group(self, dist):
+        """Process group {pipeline rank 0, pipeline rank p-1} of this rank's (data, tensor) coordinates,
+        created collectively for all coordinates (every rank calls new_group in the same order)."""
+        from modelpar.runtime.mesh import global_rank
+
+        dims, mine = self.ctx.dims, None
+        for data_idx in range(dims.data):
+            for tensor_idx in range(dims.tensor):
+                ranks = [global_rank(dims, data_idx, 0, tensor_idx),
+                         global_rank(dims, data_idx, dims.pipeline - 1, tensor_idx)]
+                group = dist.new_group(ranks)
+                if self.ctx.rank in ranks:
+                    mine = group
+        return mine
+
+    # -- one step ---------------------------------------------------------------------------------
+    def forward_backward(self, step: int) -> float:
+        """Run the schedule and synchronise the gradients; returns the step's mean loss (every rank)."""
+        import torch
+        import torch.distributed as dist
+
+        from modelpar.data import micro_batches
+        from modelpar.models.gpt import DropoutKey
+        from modelpar.models.parallelize import sync_tensor_parallel_grads
+        from modelpar.runtime.data_parallel import all_reduce_gradients
+
+        if self.config.crash_rank == self.ctx.rank and step == 1:
+            os._exit(17)
+        plan, ctx, b = self.plan, self.ctx, self.plan.micro_batch_size
+        batch = self.source.global_batch(step, plan.global_batch_size, self.spec.seq_length)
+        batches = micro_batches(batch, ctx.data_rank, plan.data_parallel, b)
+        keys = [DropoutKey(self.config.seed, step, (ctx.data_rank * self.num_micro_batches + i) * b)
+                for i in range(self.num_micro_batches)]
+        loss_sum = self.executor.run(batches, keys)
+        with self.timeline.span(f"step {step}", "grad_sync"):
+            for reducer in self.reducers or ():
+                reducer.finish()
+            if self.embedding_group is not None:
+                all_reduce_gradients(self.tied_params, self.embedding_group, average=False)
+            sync_tensor_parallel_grads(self.modules, ctx)
+        contribution = loss_sum.double() / plan.data_parallel if (loss_sum is not None and ctx.tensor_rank == 0) \
+            else torch.zeros((), dtype=torch.float64)
+        contribution = contribution.reshape(1).to(ctx.device)
+        dist.all_reduce(contribution)
+        return float(contribution.item())
+
+    def optimizer_step(self) -> None:
+        with self.timeline.span("optimizer", "optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, step: int) -> float:
+        loss = self.forward_backward(step)
+        self.optimizer_step()
+        return loss
+
+    # -- gathering ----------------------------------------------------------------------------------
+    def full_state_dict(self):
+        """Serial state dict on global rank 0 (None elsewhere). Collective."""
+        from modelpar.runtime.checkpoint import gather_full_state_dict
+
+        return gather_full_state_dict(self.chunks, self.ctx)
+
+    def full_gradients(self):
+        """Serial gradients on global rank 0 after `forward_backward` (None elsewhere). With ZeRO the
+        data-parallel mean is taken here, on a copy (the optimizer reduce-scatters the originals). Collective."""
+        import torch
+
+        from modelpar.runtime.checkpoint import gather_full_gradients
+        from modelpar.runtime.data_parallel import all_reduce_gradients
+
+        saved = None
+        if self.zero:
+            params = list(self.modules.parameters())
+            saved = [None if p.grad is None else p.grad.clone() for p in params]
+            all_reduce_gradients(params, self.ctx.data_group)
+        grads = gather_full_gradients(self.chunks, self.ctx, self.tied)
+        if saved is not None:
+            with torch.no_grad():
+                for param, grad in zip(params, saved):
+                    param.grad = grad
+        return grads
+
+
+# --- measurements -----------------------------------------------------------------------------------
+
+
+def peak_memory_bytes(device) -> int:
+    """CUDA: peak allocated bytes. CPU: peak resident set size of this process (includes the
+    Python interpreter and torch, a few hundred MB)."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def measure_matmul_tflops(dtype: str = "fp32", device: str = "cpu", trials: int = 5, seconds: float = 0.05) -> float:
+    """Dense matmul throughput of one device (TFLOP/s, best of `trials`): the 'peak' used for MFU
+    when no --cluster is given. On the CPU it is the whole host with all its threads (the spawned
+    ranks share it, so each gets 1/world of it)."""
+    import torch
+
+    from modelpar.runtime.precision import DTYPES
+
+    size = 4096 if device.startswith("cuda") else 512
+    a = torch.randn(size, size, dtype=DTYPES[dtype], device=device)
+    b = torch.randn(size, size, dtype=DTYPES[dtype], device=device)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a @ b  # warm up the thread pool / the kernel
+    synchronize()
+    best = 0.0
+    for _ in range(trials):
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            count += 1
+        synchronize()
+        best = max(best, 2.0 * size**3 * count / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
+    """Spawned (or torchrun) entry: train and return this rank's measurements."""
+    import torch.distributed as dist
+
+    from modelpar.runtime.checkpoint import load_checkpoint, save_checkpoint
+    from modelpar.runtime.mesh import ParallelContext, ParallelDims
+
+    ctx = ParallelContext(ParallelDims.from_plan(config.plan))
+    initial_state = load_checkpoint(config.load_checkpoint)[0] if config.load_checkpoint else None
+    trainer = RankTrainer(config, ctx, initial_state)
+    bar = None
+    if rank == 0 and config.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    tokens = config.plan.global_batch_size * config.model.seq_length
+    losses, step_times, last_step_events = [], [], []
+    totals: dict[str, float] = {}  # seconds by event kind (compute, recv, send, grad_sync, ...) over all steps
+    dist.barrier()
+    for step in range(config.steps):
+        if step == config.steps - 1 and step > 0:
+            dist.barrier()  # the recorded timeline is the last step's, from a common start on every rank
+        start = time.perf_counter()
+        losses.append(trainer.step(step))
+        step_times.append(time.perf_counter() - start)
+        last_step_events = [(e.action, e.start - start, e.end - start, e.kind) for e in trainer.timeline.events]
+        for event in trainer.timeline.events:
+            totals[event.kind] = totals.get(event.kind, 0.0) + event.end - event.start
+        trainer.timeline.events.clear()
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_per_s=f"{tokens / step_times[-1]:.0f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if config.save_checkpoint:
+        save_checkpoint(config.save_checkpoint, trainer.chunks, ctx,
+                        {"model": config.model.name, "plan": config.plan.to_dict(), "steps": config.steps,
+                         "seed": config.seed, "dtype": config.dtype})
+    mine = {"rank": rank, "losses": losses, "step_times_s": step_times,
+            "peak_memory_bytes": peak_memory_bytes(ctx.device), "time_by_kind_s": totals,
+            "last_step_timeline": last_step_events}
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    return gathered  # every rank's measurements on rank 0, None elsewhere
+
+
+def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT_STEPS, seed: int = 0,
+                 dtype: str = "fp32", data_path: str | None = None, *, learning_rate: float = DEFAULT_LEARNING_RATE,
+                 cluster=None, timeout_s: float = 600.0, progress: bool = True,
+                 crash_rank: int | None = None, load_checkpoint: str | None = None,
+                 save_checkpoint: str | None = None) -> dict | None:
+    """Train `steps` steps of `plan` (partial plans are completed with the runtime defaults) and
+    return the summary: losses per step, step time, tokens/s, MFU, peak memory, the plan, and the
+    planner's prediction when a `cluster` (ClusterSpec) is given (None on torchrun ranks other
+    than 0). Raises SpecError before any rank starts when the plan cannot run, and
+    `launch.RankFailure` naming the rank when one fails."""
+    from modelpar.runtime.launch import default_backend, spawn, under_torchrun
+
+    plan = complete_plan(plan)
+    config = TrainConfig(model_spec, plan, steps, seed, dtype, data_path, learning_rate, progress=progress,
+                         crash_rank=crash_rank if crash_rank is not None else _env_crash_rank(),
+                         load_checkpoint=load_checkpoint, save_checkpoint=save_checkpoint)
+    validate_training(config)
+    world = plan.world_size
+    predicted = _prediction(model_spec, plan, cluster)
+    torchrun = under_torchrun()
+    if cluster is not None:
+        peak, peak_source = cluster.device.peak_tflops, f"cluster {cluster.name}"
+    elif torchrun:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if default_backend() == "nccl" else "cpu"
+        peak, peak_source = measure_matmul_tflops(dtype, device), f"measured {device} matmul"
+    else:
+        peak, peak_source = measure_matmul_tflops(dtype) / world, "measured host matmul / ranks"
+    # torchrun: this process's rank only (NCCL on GPUs); otherwise gloo ranks on this machine's CPU
+    results = spawn(_train_worker, world, (config,), timeout_s=timeout_s,
+                    backend=default_backend() if torchrun else "gloo")
+    rank_results = next((r for r in results if r is not None), None)
+    if rank_results is None:  # a torchrun rank other than 0: rank 0 reports
+        return None
+    return summarise(config, rank_results, peak, peak_source, predicted)
+
+
+def _env_crash_rank() -> int | None:
+    value = os.environ.get(CRASH_RANK_ENV)
+    return int(value) if value not in (None, "") else None
+
+
+def summarise(config: TrainConfig, rank_results: list[dict], peak_tflops: float, peak_source: str,
+              predicted: dict | None = None) -> dict:
+    """The JSON summary of a run from the ranks' measurements (rank 0's losses; step time: the
+    slowest rank's mean over the steps after the first, which includes warm-up)."""
+    from modelpar.data import make_token_source
+    from modelpar.planner.flops import hfu, mfu
+
+    plan, model = config.plan, config.model
+    first = rank_results[0]
+    per_rank_step = []
+    for result in rank_results:
+        times = result["step_times_s"][1:] or result["step_times_s"]
+        per_rank_step.append(sum(times) / len(times))
+    step_time = max(per_rank_step)
+    world = plan.world_size
+    tokens = plan.global_batch_size * model.seq_length
+    measured = {
+        "step_time_s": step_time,
+        "tokens_per_s": tokens / step_time,
+        "mfu": mfu(model, plan.global_batch_size, step_time, world, peak_tflops),
+        "hfu": hfu(model, plan.global_batch_size, plan.recompute, step_time, world, peak_tflops),
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rank_results),
+        "peak_tflops_per_device": peak_tflops,
+        "peak_tflops_source": peak_source,
+        "step_times_s": first["step_times_s"],
+        "per_rank": [{"rank": r["rank"], "peak_memory_bytes": r["peak_memory_bytes"],
+                      "time_by_kind_s": r["time_by_kind_s"]} for r in rank_results],
+    }
+    return {
+        "model": model.name, "plan": plan.to_dict(), "dtype": config.dtype, "steps": config.steps,
+        "seed": config.seed, "world_size": world,
+        "data": make_token_source(config.data_path, model.vocab_size, config.seed).description,
+        "losses": first["losses"], "step_time_s": step_time, "tokens_per_s": measured["tokens_per_s"],
+        "mfu": measured["mfu"], "peak_memory_bytes": measured["peak_memory_bytes"],
+        "measured": measured, "predicted": predicted,
+        "timeline": {str(r["rank"]): r["last_step_timeline"] for r in rank_results},
+    }
+
+
+def _prediction(model: ModelSpec, plan: ParallelPlan, cluster) -> dict | None:
+    """The planner's estimate of this plan on `cluster` (None without a cluster; {"error": ...}
+    when the planner rejects a plan that the runtime can still run)."""
+    if cluster is None:
+        return None
+    from modelpar.planner.cost import estimate
+
+    try:
+        result = estimate(model, cluster, plan.world_size, plan)
+    except SpecError as error:
+        return {"cluster": cluster.name, "error": str(error)}
+    return {"cluster": cluster.name, "step_time_s": result.step_time_s, "mfu": result.mfu,
+            "tokens_per_s": plan.global_batch_size * model.seq_length / result.step_time_s,
+            "memory_per_device_bytes": result.memory.total, "breakdown": dict(result.breakdown)}
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `modelpar train` flags (DESIGN.md contract). Plan flags override a --plan file's fields;
+    anything left unset takes the runtime default (`complete_plan`)."""
+    parser.add_argument("--model", required=True, help="model preset name or JSON file (e.g. gpt-tiny)")
+    parser.add_argument("--plan", help="plan JSON file (a `modelpar plan --json` document works too)")
+    group = parser.add_argument_group("plan (override --plan; defaults: 1 x 1 x 1, 1f1b, b=2, m=2p)")
+    group.add_argument("--tensor-parallel", type=_positive_int, help="tensor-parallel degree t")
+    group.add_argument("--pipeline-parallel", type=_positive_int, help="pipeline stages p")
+    group.add_argument("--data-parallel", type=_positive_int, help="data-parallel replicas d")
+    group.add_argument("--virtual-stages", type=_positive_int, help="chunks per pipeline rank v (interleaved)")
+    group.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"])
+    group.add_argument("--micro-batch-size", type=_positive_int, help="sequences per micro-batch b")
+    group.add_argument("--global-batch-size", type=_positive_int, help="sequences per step B")
+    group.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                       help="Megatron sequence parallelism (needs t > 1 to matter)")
+    group.add_argument("--recompute", choices=["none", "selective", "full"])
+    group.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="0 or 1 (ZeRO-1) in the runtime")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", help="text file (byte-level tokens), or 'synthetic'; default: the packaged corpus")
+    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE)
+    parser.add_argument("--cluster", help="cluster preset/JSON: its device peak for MFU and the planner's prediction")
+    parser.add_argument("--load-checkpoint", metavar="PATH", help="start from a checkpoint (serial layout, any plan)")
+    parser.add_argument("--save-checkpoint", metavar="PATH", help="save the final weights (serial layout)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are declared stuck")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+
+
+def plan_from_args(args: argparse.Namespace) -> ParallelPlan:
+    base = load_plan(args.plan) if args.plan else ParallelPlan()
+    changes = {key: getattr(args, key) for key in (
+        "tensor_parallel", "pipeline_parallel", "data_parallel", "virtual_stages", "schedule", "micro_batch_size",
+        "global_batch_size", "sequence_parallel", "recompute", "zero_stage") if getattr(args, key, None) is not None}
+    return complete_plan(base.with_(**changes))
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """`modelpar train`: SpecError propagates (the CLI prints it, exit 2); a failed rank is exit 1."""
+    from modelpar.runtime.launch import RankFailure
+
+    model = load_model(args.model)
+    plan = plan_from_args(args)
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    try:
+        summary = run_training(model, plan, args.steps, args.seed, args.dtype, args.data,
+                               learning_rate=args.learning_rate, cluster=cluster, timeout_s=args.timeout,
+                               progress=not args.json or sys.stderr.isatty(),
+                               load_checkpoint=args.load_checkpoint, save_checkpoint=args.save_checkpoint)
+    except RankFailure as failure:
+        print(f"modelpar train: error: {str(failure).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if summary is None:  # torchrun rank other than 0
+        return 0
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    """Human-readable result: the plan, losses, and measured (vs predicted) step time, MFU, memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    plan, measured, predicted = summary["plan"], summary["measured"], summary["predicted"]
+    if predicted is not None and "error" in predicted:
+        predicted = None
+    console = Console()
+    console.print(
+        f"[bold]{summary['model']}[/bold] on t{plan['tensor_parallel']} x p{plan['pipeline_parallel']} x "
+        f"d{plan['data_parallel']} ({summary['world_size']} ranks), {plan['schedule']}"
+        f"{' v' + str(plan['virtual_stages']) if plan['virtual_stages'] > 1 else ''}, b={plan['micro_batch_size']}, "
+        f"B={plan['global_batch_size']}, SP={'on' if plan['sequence_parallel'] else 'off'}, "
+        f"recompute={plan['recompute']}, ZeRO-{plan['zero_stage']}, {summary['dtype']}, data: {summary['data']}"
+    )
+    losses = summary["losses"]
+    console.print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    table = Table("metric", "measured", "predicted")
+    rows = [
+        ("step time (s)", f"{measured['step_time_s']:.4f}", predicted and f"{predicted['step_time_s']:.4f}"),
+        ("tokens/s", f"{measured['tokens_per_s']:.0f}", predicted and f"{predicted['tokens_per_s']:.0f}"),
+        ("MFU", f"{measured['mfu']:.2%}", predicted and f"{predicted['mfu']:.2%}"),
+        ("peak memory / rank (MiB)", f"{measured['peak_memory_bytes'] / 2**20:.0f}",
+         predicted and f"{predicted['memory_per_device_bytes'] / 2**20:.0f}"),
+    ]
+    for name, value, prediction in rows:
+        table.add_row(name, value, prediction or "-")
+    console.print(table)
+    console.print(f"MFU against {measured['peak_tflops_per_device']:.3g} TFLOP/s per rank "
+                  f"({measured['peak_tflops_source']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m modelpar.train ...` (same flags as `modelpar train`)."""
+    parser = argparse.ArgumentParser(prog="modelpar train")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return train_command(args)
+    except SpecError as error:
+        print(f"modelpar train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["TrainConfig", "RankTrainer", "run_training", "complete_plan", "validate_training", "add_train_arguments",
+           "train_command", "main"]
