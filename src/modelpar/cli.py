@@ -98,17 +98,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     partial = plan_from_flags(args)
     if partial.global_batch_size is None:
         partial = partial.with_(global_batch_size=args.devices)
+    partial.check_partial(model, args.devices)
     result = search(model, cluster, args.devices, partial, top=args.top)
     elapsed = time.perf_counter() - started
+    if not result.plans:
+        raise SpecError(tables.no_plan_message(result, model, cluster, args.devices))
     if args.json:
         document = tables.search_json(result)
         document["search_seconds"] = result.seconds
         _print_json(document)
     else:
         tables.print_search(result, model, cluster, args.devices, elapsed)
-    if not result.plans:
-        print(tables.no_plan_message(result, model, cluster, args.devices), file=sys.stderr)
-        return EXIT_BAD_INPUT
     return 0
 
 

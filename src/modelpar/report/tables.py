@@ -123,10 +123,11 @@ def print_search(result, model, cluster, num_devices: int, elapsed_s: float) -> 
 
 
 def no_plan_message(result, model, cluster, num_devices: int) -> str:
-    top = max(result.rejected.items(), key=lambda kv: kv[1])[0] if result.rejected else "no candidates"
+    counts = ", ".join(f"{reason}: {count}" for reason, count in sorted(result.rejected.items(), key=lambda kv: -kv[1]))
     return (
-        f"no feasible plan for {model.name} on {num_devices} x {cluster.device.name}: most candidates were "
-        f"rejected for '{top}'; add devices, allow recompute, or lower the batch size"
+        f"no feasible plan for {model.name} on {num_devices} x {cluster.device.name} "
+        f"({cluster.device.memory_gib:g} GiB) among {result.searched} candidates ({counts or 'none'}); "
+        f"add devices, free fixed plan fields, or lower the global batch size"
     )
 
 

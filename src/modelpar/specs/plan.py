@@ -129,5 +129,33 @@ class ParallelPlan:
             raise SpecError(f"plan: sequence parallel needs seq_length {model.seq_length} divisible by tensor_parallel {t}")
 
 
+    def check_partial(self, model, num_devices: int) -> None:
+        """Reject fixed fields of a partial plan that no completion can make valid."""
+        t, p, d = self.tensor_parallel, self.pipeline_parallel, self.data_parallel
+        if t is not None and model.num_attention_heads % t:
+            raise SpecError(
+                f"plan: tensor_parallel {t} does not divide num_attention_heads {model.num_attention_heads} of "
+                f"'{model.name}'; use a divisor such as {_largest_divisor_at_most(model.num_attention_heads, t)}"
+            )
+        if p is not None and model.num_layers % p:
+            raise SpecError(
+                f"plan: pipeline_parallel {p} does not divide num_layers {model.num_layers} of '{model.name}'; "
+                f"use a divisor such as {_largest_divisor_at_most(model.num_layers, p)}"
+            )
+        fixed = 1
+        for name, degree in (("tensor_parallel", t), ("pipeline_parallel", p), ("data_parallel", d)):
+            if degree is not None:
+                fixed *= degree
+                if num_devices % fixed:
+                    raise SpecError(
+                        f"plan: {name} {degree} (with the other fixed degrees: {fixed} devices per group) does not "
+                        f"divide the {num_devices} devices"
+                    )
+        if None not in (t, p, d) and t * p * d != num_devices:
+            raise SpecError(
+                f"plan: tensor {t} x pipeline {p} x data {d} = {t * p * d} devices, but there are {num_devices}"
+            )
+
+
 def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(k for k in range(1, min(n, limit) + 1) if n % k == 0)
