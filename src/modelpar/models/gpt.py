@@ -22,6 +22,12 @@ drops, each rank computing only its own slice (see `keyed_dropout`). The key is 
 forward argument (``dropout_key``), never module state, so recomputation in the backward pass
 reproduces the same masks. With ``dropout_key=None`` dropout falls back to torch's RNG
 (statistically correct, not reproducible across layouts).
+
+What a layer keeps for its backward pass is exactly what the planner's activation model counts
+(`modelpar.planner.memory.activation_terms`, Korthikanti et al. 2022 Sec. 4.1; measured by
+`modelpar.runtime.memory_probe`): 1-byte dropout masks, the softmax output once in the activation
+dtype (`causal_softmax`), K/V once per KV head, no view pinning the fused QKV buffer
+(`attention_inputs`), an RMSNorm that keeps only its input and 1/rms.
 """
 
 from __future__ import annotations
@@ -142,9 +148,48 @@ def keyed_dropout(x: torch.Tensor, p: float, key: DropoutKey | None, layer: int,
 # ------------------------------------------------------------------------------------------------
 
 
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit values, else the dtype itself (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x / sqrt(mean(x^2) + eps) * w (Zhang & Sennrich 2019), in fp32 (at least), saving only the
+    input x and the per-token fp32 1/rms (as Megatron's and Apex's fused RMSNorm do). torch's CPU
+    rms_norm is a composite that would also save an fp32 copy of x and of x / rms."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.to(_math_dtype(x.dtype))
+        inverse_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, inverse_rms)
+        return (x32 * inverse_rms).to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, inverse_rms = ctx.saved_tensors
+        normalized = x.to(inverse_rms.dtype) * inverse_rms
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normalized.to(x.dtype)).sum(dim=tuple(range(grad.dim() - 1)))
+        grad_normalized = (grad * weight).to(inverse_rms.dtype)
+        grad_x = inverse_rms * (grad_normalized - normalized * (grad_normalized * normalized).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameters and state dict) whose backward keeps only x and 1/rms."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.normalized_shape != (x.shape[-1],):
+            return super().forward(x)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return _RMSNormFunction.apply(x, self.weight, eps)
+
+
 def make_norm(spec: ModelSpec) -> nn.Module:
     if spec.normalization == "rmsnorm":
-        return nn.RMSNorm(spec.hidden_size, eps=NORM_EPS)
+        return RMSNorm(spec.hidden_size, eps=NORM_EPS)
     return nn.LayerNorm(spec.hidden_size, eps=NORM_EPS)
 
 
@@ -187,6 +232,51 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, s, heads * d)
 
 
+def attention_inputs(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                     rope: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused projection output [b, s, (heads + 2 kv_heads) d] -> contiguous Q [b, heads, s, d], K, V
+    [b, kv_heads, s, d], rotary positions applied to Q and K.
+
+    Contiguous copies, so the attention core's matmuls save them as they are, and the fused
+    buffer is freed after the forward instead of being pinned by a saved view (with RoPE, Q and K
+    are new tensors and a view V would keep all of Q K V alive).
+    """
+    q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
+    q, k, v = split_heads(q, num_heads), split_heads(k, num_kv_heads), split_heads(v, num_kv_heads)
+    if rope:
+        q, k = apply_rope(q, k)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+class _CausalSoftmax(torch.autograd.Function):
+    """softmax over the last dim with future keys (upper triangle) masked out, in fp32 (at least),
+    returned in the scores' dtype. Saves only its output, in that dtype, like Megatron's fused
+    ScaledUpperTriangMaskedSoftmax (Korthikanti's 2 a s^2 b bytes at 16 bits): no mask, no fp32 copy."""
+
+    @staticmethod
+    def forward(ctx, scores):
+        seq_q, seq_k = scores.shape[-2:]
+        future = torch.ones(seq_q, seq_k, dtype=torch.bool, device=scores.device).triu(1)
+        math_dtype = _math_dtype(scores.dtype)
+        probs = torch.softmax(scores.to(math_dtype).masked_fill(future, float("-inf")), dim=-1).to(scores.dtype)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        math_dtype = _math_dtype(probs.dtype)
+        # Masked entries have probability 0, so their gradient is 0 without the mask.
+        grad_scores = torch._softmax_backward_data(grad.to(math_dtype), probs.to(math_dtype), -1, math_dtype)
+        return grad_scores.to(grad.dtype)
+
+
+def causal_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """softmax(scores + causal mask) over the last dim (fp32 math); scores [..., s_q, s_k]."""
+    return _CausalSoftmax.apply(scores)
+
+
 class AttentionCore(nn.Module):
     """softmax(Q K^T / sqrt(d) + causal mask) V with dropout on the probabilities (Vaswani et al. 2017 eq. 1).
 
@@ -207,21 +297,24 @@ class AttentionCore(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 dropout_key: DropoutKey | None = None) -> torch.Tensor:
-        heads, kv_heads = q.shape[1], k.shape[1]
-        if heads != kv_heads:
-            k = k.repeat_interleave(heads // kv_heads, dim=1)
-            v = v.repeat_interleave(heads // kv_heads, dim=1)
+        batch, heads, seq, head_dim = q.shape
+        kv_heads = k.shape[1]
         if self.fused:
+            if heads != kv_heads:
+                k = k.repeat_interleave(heads // kv_heads, dim=1)
+                v = v.repeat_interleave(heads // kv_heads, dim=1)
             p = self.dropout if self.training else 0.0
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        seq = q.shape[-2]
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(causal, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        # The heads / kv_heads query heads of a group share one K/V head: stack their rows so one
+        # batched matmul serves the group and K, V are used (and saved) once, never repeated.
+        group_rows = heads // kv_heads * seq
+        scores = q.reshape(batch, kv_heads, group_rows, head_dim) @ k.transpose(-2, -1)
+        scores = scores.view(batch, heads, seq, seq) * (1.0 / math.sqrt(head_dim))
+        probs = causal_softmax(scores)
         probs = keyed_dropout(probs, self.dropout, dropout_key, self.layer_index, DropoutSite.ATTENTION_PROBS,
                               self.training, offsets=(0, self.head_offset, 0, 0))
-        return probs @ v
+        context = probs.reshape(batch, kv_heads, group_rows, seq) @ v
+        return context.view(batch, heads, seq, head_dim)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,11 +353,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(q_width, spec.hidden_size)
 
     def forward(self, x: torch.Tensor, dropout_key: DropoutKey | None = None) -> torch.Tensor:
-        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
-        q, k, v = split_heads(q, self.num_heads), split_heads(k, self.num_kv_heads), split_heads(v, self.num_kv_heads)
-        if self.rope:
-            q, k = apply_rope(q, k)
+        q, k, v = attention_inputs(self.qkv(x), self.num_heads, self.num_kv_heads, self.head_dim, self.rope)
         y = self.proj(merge_heads(self.core(q, k, v, dropout_key)))
         return keyed_dropout(y, self.dropout, dropout_key, self.layer_index, DropoutSite.ATTENTION_OUTPUT, self.training)
 

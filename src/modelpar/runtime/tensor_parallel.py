@@ -22,10 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from modelpar.models.gpt import (AttentionCore, DropoutSite, Embedding, LMHead, MLP, SelfAttention, apply_rope,
-                                 keyed_dropout, merge_heads, mlp_activation, split_heads)
-from modelpar.runtime.collectives import (all_gather_sequence, copy_to_tensor_region, gather_last_dim,
-                                          reduce_from_tensor_region, reduce_scatter_sequence)
+from modelpar.models.gpt import (AttentionCore, DropoutSite, Embedding, LMHead, MLP, SelfAttention, attention_inputs,
+                                 keyed_dropout, merge_heads, mlp_activation)
+from modelpar.runtime.collectives import (SEQUENCE_DIM, _all_gather, _reduce_scatter, copy_to_tensor_region,
+                                          gather_last_dim, reduce_from_tensor_region, reduce_scatter_sequence)
 from modelpar.runtime.sequence_parallel import mark_module_sequence_parallel, mark_sequence_parallel, sequence_offset
 
 
@@ -63,11 +63,40 @@ def _slice(tensor: torch.Tensor, dim: int, indices: torch.Tensor) -> nn.Paramete
     return nn.Parameter(tensor.detach().index_select(dim, indices.to(tensor.device)).clone())
 
 
+class _SequenceParallelLinear(torch.autograd.Function):
+    """y = all_gather_sequence(x) W^T + b that saves only the sequence shard x [b, s/t, in] and
+    all-gathers it again in the backward pass for the weight gradient (Korthikanti et al. 2022,
+    Sec. 4.2.2; Megatron's LinearWithGradAccumulationAndAsyncCommunication): the gathered
+    [b, s, in] input is not kept between forward and backward, so the stored activation is s b h / t.
+    The input gradient is reduce-scattered back to the shard (the dual of the all-gather)."""
+
+    @staticmethod
+    def forward(ctx, shard, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(shard, weight)
+        return F.linear(_all_gather(shard, SEQUENCE_DIM, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shard, weight = ctx.saved_tensors
+        grad_shard = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_shard = _reduce_scatter(grad.matmul(weight), SEQUENCE_DIM, ctx.group)
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            gathered = _all_gather(shard, SEQUENCE_DIM, ctx.group)
+            grad_weight = grad_rows.t().mm(gathered.reshape(-1, gathered.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)
+        return grad_shard, grad_weight, grad_bias, None
+
+
 class ColumnParallelLinear(nn.Module):
     """y_local = x W[rows]^T + b[rows] (output features ``rows[tensor_rank]`` of the serial linear).
 
     Input: replicated [.., in] (enters through f), or a sequence shard [b, s/t, in] when
-    ``sequence_parallel`` (all-gathered along the sequence). Output: [.., len(rows)] on this rank,
+    ``sequence_parallel`` (all-gathered along the sequence; only the shard is saved for backward,
+    `_SequenceParallelLinear`). Output: [.., len(rows)] on this rank,
     or all ranks' outputs concatenated in rank order when ``gather_output``.
     """
 
@@ -93,8 +122,10 @@ class ColumnParallelLinear(nn.Module):
                    sequence_parallel, gather_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = all_gather_sequence(x, self.group) if self.sequence_parallel else copy_to_tensor_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        if self.sequence_parallel and dist.get_world_size(self.group) > 1:
+            y = _SequenceParallelLinear.apply(x, self.weight, self.bias, self.group)
+        else:
+            y = F.linear(copy_to_tensor_region(x, self.group), self.weight, self.bias)
         return gather_last_dim(y, self.group) if self.gather_output else y
 
 
@@ -283,11 +314,7 @@ class ParallelAttention(nn.Module):
                    attention.layer_index, group, sequence_parallel)
 
     def forward(self, x: torch.Tensor, dropout_key=None) -> torch.Tensor:
-        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
-        q, k, v = split_heads(q, self.num_heads), split_heads(k, self.num_kv_heads), split_heads(v, self.num_kv_heads)
-        if self.rope:
-            q, k = apply_rope(q, k)
+        q, k, v = attention_inputs(self.qkv(x), self.num_heads, self.num_kv_heads, self.head_dim, self.rope)
         y = self.proj(merge_heads(self.core(q, k, v, dropout_key)))
         offset = sequence_offset(y.shape[1], self.group, self.sequence_parallel)
         return keyed_dropout(y, self.dropout, dropout_key, self.layer_index, DropoutSite.ATTENTION_OUTPUT,
