@@ -9,6 +9,16 @@ environment) it runs ``fn`` for this process's rank only.
 
 ``fn`` and ``args`` must be picklable (a module-level function). Return values travel back pickled.
 Ranks are daemonic processes, so ``fn`` cannot start processes of its own (no DataLoader workers).
+
+Backends: "gloo" (CPU), "nccl" (one GPU per rank: rank r of a spawn, or LOCAL_RANK under torchrun,
+becomes the current CUDA device *before* ``init_process_group``, as NCCL requires), or "auto"
+(`choose_backend`). Failure detection on NCCL: a spawned rank that dies is seen by the parent
+within 0.1 s, and torchrun's agent sees its own node's workers; a peer on another node is only
+noticed when a collective times out, so under torchrun the NCCL collective timeout defaults to
+`TORCHRUN_NCCL_TIMEOUT_S` (45 s, inside the 60 s the issue allows) with
+TORCH_NCCL_ASYNC_ERROR_HANDLING on, which makes the NCCL watchdog abort the stuck rank. Set
+MODELPAR_COLLECTIVE_TIMEOUT_S to change the collective timeout of any launch (long checkpoint
+writes on one rank while the others wait need more).
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ from modelpar.specs.errors import SpecError
 
 POLL_INTERVAL_S = 0.1
 TERMINATE_GRACE_S = 5.0
+BACKENDS = ("gloo", "nccl", "auto")
+COLLECTIVE_TIMEOUT_ENV = "MODELPAR_COLLECTIVE_TIMEOUT_S"
+TORCHRUN_NCCL_TIMEOUT_S = 45.0
 
 
 class RankFailure(RuntimeError):
@@ -43,6 +56,44 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def choose_backend(world_size: int) -> str:
+    """For `world_size` ranks spawned on this machine: nccl when it has a GPU for each rank, else gloo."""
+    import torch
+
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+
+
+def local_cuda_device(rank: int):
+    """This process's GPU, cuda:LOCAL_RANK (a spawn sets LOCAL_RANK = rank; otherwise rank modulo
+    the GPU count), made the current CUDA device. SpecError if there is none."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise SpecError("backend nccl needs CUDA GPUs but none is visible; use the gloo backend")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank % count))
+    if not 0 <= local_rank < count:
+        raise SpecError(f"local rank {local_rank} has no GPU of its own ({count} visible); start at most {count} "
+                        f"ranks per node, one GPU each, or use the gloo backend")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def collective_timeout_s(default_s: float) -> float:
+    """$MODELPAR_COLLECTIVE_TIMEOUT_S if set, else `default_s`."""
+    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV)
+    if value in (None, ""):
+        return default_s
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise SpecError(f"{COLLECTIVE_TIMEOUT_ENV}={value!r} must be a positive number of seconds")
+    return seconds
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -55,13 +106,19 @@ def under_torchrun() -> bool:
 
 
 def init_distributed(rank: int, world_size: int, backend: str | None = None, timeout_s: float = 300.0) -> None:
-    """init_process_group from MASTER_ADDR/MASTER_PORT in the environment (no-op if already initialised)."""
+    """init_process_group from MASTER_ADDR/MASTER_PORT in the environment (no-op if already
+    initialised). NCCL: the local GPU becomes the current device first, and the watchdog's async
+    error handling is on. `timeout_s`: the collective timeout (overridden by $MODELPAR_COLLECTIVE_TIMEOUT_S)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    dist.init_process_group(backend or default_backend(), rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    backend = backend or default_backend()
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # abort a rank stuck past the timeout
+        local_cuda_device(rank)
+    timeout = collective_timeout_s(timeout_s)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: float, fn: Callable,
@@ -74,7 +131,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
 
         if backend == "gloo":  # ranks share this machine's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        init_distributed(rank, world_size, backend, timeout_s)
+        init_distributed(rank, world_size, backend, timeout_s)  # nccl: cuda:<rank> becomes the device first
         value = fn(rank, world_size, *args)
         payload = pickle.dumps(value)
         try:
@@ -103,21 +160,34 @@ def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: 
           backend: str = "gloo") -> list[Any]:
     """Run fn(rank, world_size, *args) on every rank; return the values, indexed by rank.
 
-    Under torchrun only this process's entry is filled (the others are None), after initialising
-    the default process group with `default_backend()` if needed.
+    `backend`: "gloo", "nccl" (needs a GPU per rank) or "auto" (`choose_backend`). Under torchrun
+    only this process's entry is filled (the others are None), after initialising the default
+    process group with `default_backend()` if needed (NCCL collective timeout 45 s, see above).
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
         raise SpecError(f"spawn: world_size must be a positive integer, got {world_size!r}")
+    if backend not in BACKENDS:
+        raise SpecError(f"spawn: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if under_torchrun():
         rank, env_world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if env_world != world_size:
             raise SpecError(f"spawn: torchrun started {env_world} ranks but the plan needs {world_size}; "
                             f"run torchrun with --nproc-per-node x --nnodes = {world_size}")
-        init_distributed(rank, world_size, None, timeout_s)
+        torchrun_backend = default_backend()
+        init_distributed(rank, world_size, torchrun_backend,
+                         min(timeout_s, TORCHRUN_NCCL_TIMEOUT_S) if torchrun_backend == "nccl" else timeout_s)
         values: list[Any] = [None] * world_size
         values[rank] = fn(rank, world_size, *args)
         return values
 
+    if backend == "auto":
+        backend = choose_backend(world_size)
+    if backend == "nccl":
+        import torch
+
+        if torch.cuda.device_count() < world_size:
+            raise SpecError(f"spawn: backend nccl needs one GPU per rank, {world_size} ranks but "
+                            f"{torch.cuda.device_count()} GPUs visible; use fewer ranks or backend gloo")
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")

@@ -116,15 +116,15 @@ class ParallelContext:
             )
         self.backend = str(dist.get_backend())
         if device is None:
-            if self.backend == "nccl":
-                import os
+            if "nccl" in self.backend:  # "nccl", or a per-device string such as "cpu:gloo,cuda:nccl"
+                from modelpar.runtime.launch import local_cuda_device
 
-                local_rank = int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count()))
-                device = torch.device("cuda", local_rank)
-                torch.cuda.set_device(device)
+                device = local_cuda_device(self.rank)  # normally already current (launch sets it before init)
             else:
                 device = torch.device("cpu")
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL collectives and all_gather_object use the current device
         self.data_rank, self.pipeline_rank, self.tensor_rank = coordinates(dims, self.rank)
 
         groups = rank_groups(dims)

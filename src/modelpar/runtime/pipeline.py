@@ -15,30 +15,45 @@ schedule module states:
 - B(c, i): the output gradient is received from the rank holding g + 1 (or is d(loss)/d(loss)
   on the last stage); backward through the chunk; the input gradient is sent to g - 1.
 
-Sends are non-blocking (`isend`, waited for at the end of the step) and the receive of the next
-action that needs one is posted ahead (`irecv`), so a rank only ever blocks on data it needs now:
-any action list that the planner's simulator runs without deadlock runs here without deadlock.
-Messages carry a tag naming (direction, stage, micro-batch); gloo matches on it, so the order in
-which two ranks post their sends and receives does not matter. (NCCL ignores tags and matches
-each pair's messages in posting order; that holds for gpipe and 1f1b, and the interleaved
-schedule on NCCL is untested here.)
+Point-to-point, two modes (`p2p`, or the environment variable MODELPAR_P2P):
+
+- "tagged" (gloo's default): sends are non-blocking (`isend`, waited for at the end of the step)
+  and the receive of the next action that needs one is posted ahead (`irecv`), so a rank only
+  ever blocks on data it needs now. Messages carry a tag naming (direction, stage, micro-batch)
+  and gloo matches on it, so the order in which two ranks post them does not matter. NCCL ignores
+  tags and serialises a pair's operations on one stream, so this mode is refused there.
+- "batched" (NCCL's default; selectable on gloo to test it): the Megatron-LM /
+  torch.distributed.pipelining scheme of `runtime.p2p`: the pipeline's action lists are gathered
+  once, cut into lockstep rounds, and after each round a rank issues ONE `batch_isend_irecv`
+  with the message its action produced and the messages its neighbours produced for it, then
+  waits for it. All messages use tag 0: a pair's messages match by order alone, which
+  `p2p.check_exchange_programs` verifies at construction (correct by construction; a broken
+  list raises PipelineDeadlock here instead of hanging a GPU). gloo's sends are rendezvous
+  too, so running this mode on gloo exercises the same matching and deadlock-freedom.
 
 Every action is timed: compute, receive waits and send launches are separate `TimelineEvent`s,
-for the predicted-vs-measured timeline.
+for the predicted-vs-measured timeline. On CUDA the spans are CUDA events on the current stream
+(a CPU clock would only see kernel launches), converted to the same perf_counter clock.
 """
 
 from __future__ import annotations
 
+import bisect
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from modelpar.runtime.p2p import ACTIVATION, GRADIENT, Exchange, check_exchange_programs, exchange_programs
 from modelpar.runtime.schedules import BACKWARD, FORWARD, Action, global_stage
 from modelpar.specs.errors import SpecError
+
+P2P_ENV = "MODELPAR_P2P"
+P2P_MODES = ("tagged", "batched")
 
 
 # --- layout -------------------------------------------------------------------------------------
@@ -130,13 +145,15 @@ def tied_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 @dataclass(frozen=True)
 class PipelineTopology:
-    """Where this rank sits in its pipeline: its pipeline rank, p, v, and the global rank of every
-    pipeline rank of its pipeline (same data and tensor coordinates)."""
+    """Where this rank sits in its pipeline: its pipeline rank, p, v, the global rank of every
+    pipeline rank of its pipeline (same data and tensor coordinates), and the process group of
+    those ranks (`group`; None: the default group, which must then be exactly the pipeline)."""
 
     pipeline_rank: int
     num_stages: int
     virtual_stages: int
     pipeline_global_ranks: tuple[int, ...]
+    group: object = field(default=None, compare=False, repr=False)
 
     @property
     def num_global_stages(self) -> int:
@@ -151,8 +168,10 @@ class PipelineTopology:
 
     @classmethod
     def from_context(cls, ctx, virtual_stages: int = 1) -> "PipelineTopology":
-        ranks = dist.get_process_group_ranks(ctx.pipeline_group) if ctx.dims.pipeline > 1 else [ctx.rank]
-        return cls(ctx.pipeline_rank, ctx.dims.pipeline, virtual_stages, tuple(ranks))
+        if ctx.dims.pipeline == 1:
+            return cls(ctx.pipeline_rank, 1, virtual_stages, (ctx.rank,))
+        ranks = dist.get_process_group_ranks(ctx.pipeline_group)
+        return cls(ctx.pipeline_rank, ctx.dims.pipeline, virtual_stages, tuple(ranks), ctx.pipeline_group)
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -174,10 +193,24 @@ class TimelineEvent:
 
 
 class Timeline:
-    """Collects TimelineEvents; `span(action, kind)` is a context manager that records one."""
+    """Collects TimelineEvents; `span(action, kind)` is a context manager that records one.
+
+    After `use_cuda(device)` the spans are CUDA events on the current stream, resolved (one
+    device synchronisation) when `events` is read; the times stay perf_counter seconds."""
 
     def __init__(self) -> None:
-        self.events: list[TimelineEvent] = []
+        self._events: list[TimelineEvent] = []
+        self.clock: _CudaClock | None = None
+
+    def use_cuda(self, device) -> None:
+        if self.clock is None:
+            self.clock = _CudaClock(device)
+
+    @property
+    def events(self) -> list[TimelineEvent]:
+        if self.clock is not None:
+            self._events.extend(self.clock.resolve())
+        return self._events
 
     def span(self, action: str, kind: str) -> "_Span":
         return _Span(self, action, kind)
@@ -191,15 +224,65 @@ class _Span:
         self.timeline, self.action, self.kind = timeline, action, kind
 
     def __enter__(self) -> None:
-        self.start = time.perf_counter()
+        clock = self.timeline.clock
+        self.start = clock.mark() if clock is not None else time.perf_counter()
 
     def __exit__(self, *exc) -> None:
-        self.timeline.events.append(TimelineEvent(self.action, self.start, time.perf_counter(), self.kind))
+        clock = self.timeline.clock
+        if clock is not None:
+            clock.pending.append((self.action, self.start, clock.mark(), self.kind))
+        else:
+            self.timeline._events.append(TimelineEvent(self.action, self.start, time.perf_counter(), self.kind))
+
+
+class _CudaClock:
+    """CUDA events mapped onto perf_counter: a reference event is recorded on an idle device
+    (just synchronised) next to a perf_counter reading; an event's time is that reading plus
+    its elapsed time from the reference."""
+
+    def __init__(self, device, event_factory: Callable | None = None, synchronize: Callable | None = None) -> None:
+        self.device = torch.device(device)
+        self._new_event = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
+        self._synchronize = synchronize or (lambda: torch.cuda.synchronize(self.device))
+        self._reference = None  # (perf_counter seconds, event)
+        self.pending: list[tuple] = []  # (action, start event, end event, kind)
+
+    def mark(self):
+        if self._reference is None:
+            self._synchronize()
+            reference = self._new_event()
+            reference.record()
+            self._reference = (time.perf_counter(), reference)
+        event = self._new_event()
+        event.record()
+        return event
+
+    def resolve(self) -> list[TimelineEvent]:
+        if not self.pending:
+            return []
+        self._synchronize()
+        seconds, reference = self._reference
+        resolved = [TimelineEvent(action, seconds + reference.elapsed_time(start) / 1e3,
+                                  seconds + reference.elapsed_time(end) / 1e3, kind)
+                    for action, start, end, kind in self.pending]
+        self.pending.clear()
+        self._reference = None  # re-anchor at the next span: the two clocks drift apart slowly
+        return resolved
 
 
 # --- interpreter ---------------------------------------------------------------------------------
 
-_ACTIVATION, _GRADIENT = 0, 1
+def resolve_p2p_mode(requested: str | None, backend: str) -> str:
+    """The point-to-point mode: `requested`, else $MODELPAR_P2P, else "batched" on NCCL and
+    "tagged" otherwise. "tagged" on NCCL is refused: NCCL ignores tags (module docstring)."""
+    mode = requested or os.environ.get(P2P_ENV) or ("batched" if "nccl" in backend else "tagged")
+    if mode not in P2P_MODES:
+        raise SpecError(f"pipeline p2p mode {mode!r} (argument p2p or ${P2P_ENV}) is unknown; "
+                        f"use one of {', '.join(P2P_MODES)}")
+    if mode == "tagged" and "nccl" in backend:
+        raise SpecError(f"pipeline p2p mode 'tagged' needs gloo's tag matching but the backend is {backend}; "
+                        f"use 'batched' (unset ${P2P_ENV})")
+    return mode
 
 
 class PipelineExecutor:
@@ -209,7 +292,9 @@ class PipelineExecutor:
     with sequence parallelism); `activation_dtype`: its dtype (the compute dtype).
     `loss_fn(loss) -> loss` converts a last-stage loss before scaling (fp32 in mixed precision).
     `grad_reducers[c]` (optional): a `GradientReducer` for chunk c, told to reduce during the
-    last backward of that chunk in the step only.
+    last backward of that chunk in the step only. `p2p`: "tagged" or "batched" (module
+    docstring; None: `resolve_p2p_mode`). In batched mode with p > 1 the constructor is
+    collective over the pipeline group (it gathers every pipeline rank's action list).
     """
 
     def __init__(
@@ -224,6 +309,7 @@ class PipelineExecutor:
         grad_reducers: Sequence | None = None,
         loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         timeline: Timeline | None = None,
+        p2p: str | None = None,
     ) -> None:
         self.chunks = list(chunks)
         self.topology = topology
@@ -235,8 +321,21 @@ class PipelineExecutor:
         self.grad_reducers = list(grad_reducers) if grad_reducers is not None else None
         self.loss_fn = loss_fn or (lambda loss: loss)
         self.timeline = timeline if timeline is not None else Timeline()
+        if self.device.type == "cuda":
+            self.timeline.use_cuda(self.device)
         self._last_backward = {a.chunk: k for k, a in enumerate(self.actions) if a.kind == BACKWARD}
         self._check_actions()
+        if topology.num_stages == 1 and len(self.chunks) > 1:
+            raise ValueError("virtual stages need pipeline_parallel > 1 (one rank would send to itself)")
+        self.p2p_mode = "none"
+        self._program: list | None = None  # batched mode: this rank's steps (action indices and Exchanges)
+        if topology.num_stages > 1:
+            self.p2p_mode = resolve_p2p_mode(p2p, str(dist.get_backend(topology.group)))
+            if self.p2p_mode == "batched":
+                pipeline_actions = self._gather_pipeline_actions()
+                programs = exchange_programs(pipeline_actions)
+                check_exchange_programs(pipeline_actions, programs)
+                self._program = programs[topology.pipeline_rank]
 
     def _check_actions(self) -> None:
         expected = {(kind, c, i) for kind in (FORWARD, BACKWARD) for c in range(len(self.chunks))
@@ -247,8 +346,23 @@ class PipelineExecutor:
                              f"(F/B, chunk, micro-batch) exactly once for {len(self.chunks)} chunks and "
                              f"{self.num_micro_batches} micro-batches")
 
+    def _gather_pipeline_actions(self) -> list[list[Action]]:
+        """Every pipeline rank's action list, as the ranks will really run them (collective)."""
+        topology = self.topology
+        if topology.group is None and dist.get_world_size() != topology.num_stages:
+            raise ValueError("batched p2p needs the pipeline's process group: build the topology with "
+                             "PipelineTopology.from_context")
+        mine = (topology.pipeline_rank, [(a.kind, a.chunk, a.micro_batch) for a in self.actions])
+        gathered: list = [None] * topology.num_stages
+        dist.all_gather_object(gathered, mine, group=topology.group)
+        by_rank = dict(gathered)
+        if sorted(by_rank) != list(range(topology.num_stages)):
+            raise ValueError(f"pipeline ranks {sorted(by_rank)} gathered, expected 0..{topology.num_stages - 1}")
+        return [[Action(*fields) for fields in by_rank[rank]] for rank in range(topology.num_stages)]
+
     # -- communication helpers --
-    def _tag(self, direction: int, stage: int, micro_batch: int) -> int:
+    def _tag(self, kind: str, stage: int, micro_batch: int) -> int:
+        direction = 0 if kind == ACTIVATION else 1
         return 1 + (direction * self.topology.num_global_stages + stage) * self.num_micro_batches + micro_batch
 
     def _needs_recv(self, action: Action) -> bool:
@@ -257,21 +371,64 @@ class PipelineExecutor:
             return stage > 0
         return stage < self.topology.num_global_stages - 1
 
-    def _post_recv(self, action: Action):
-        stage = self.topology.global_stage(action.chunk)
-        if action.kind == FORWARD:
-            peer, tag = self.topology.rank_of_stage(stage - 1), self._tag(_ACTIVATION, stage, action.micro_batch)
-        else:
-            peer, tag = self.topology.rank_of_stage(stage + 1), self._tag(_GRADIENT, stage, action.micro_batch)
-        buffer = torch.empty(self.activation_shape, dtype=self.activation_dtype, device=self.device)
-        return dist.irecv(buffer, src=peer, tag=tag), buffer
+    def _input_key(self, action: Action) -> tuple[str, int, int]:
+        """(kind, consuming stage, micro-batch) of the message `action` receives (`p2p.Message.key`)."""
+        return (ACTIVATION if action.kind == FORWARD else GRADIENT, self.topology.global_stage(action.chunk),
+                action.micro_batch)
 
-    def _send(self, tensor: torch.Tensor, to_stage: int, direction: int, micro_batch: int, label: str) -> None:
+    def _empty_message(self) -> torch.Tensor:
+        return torch.empty(self.activation_shape, dtype=self.activation_dtype, device=self.device)
+
+    def _post_recv(self, action: Action):
+        kind, stage, micro_batch = self._input_key(action)
+        peer = self.topology.rank_of_stage(stage - 1 if action.kind == FORWARD else stage + 1)
+        buffer = self._empty_message()
+        return dist.irecv(buffer, src=peer, tag=self._tag(kind, stage, micro_batch)), buffer
+
+    def _send(self, tensor: torch.Tensor, to_stage: int, kind: str, micro_batch: int, label: str) -> None:
+        payload = tensor.detach().to(self.activation_dtype).contiguous()
+        if self._program is not None:  # batched: goes out with this round's exchange
+            self._outbox[(kind, to_stage, micro_batch)] = payload
+            return
         with self.timeline.span(label, "send"):
-            payload = tensor.detach().to(self.activation_dtype).contiguous()
             work = dist.isend(payload, dst=self.topology.rank_of_stage(to_stage),
-                              tag=self._tag(direction, to_stage, micro_batch))
+                              tag=self._tag(kind, to_stage, micro_batch))
         self._pending_sends.append((work, payload))
+
+    def _tagged_receive(self, index: int, action: Action, receiving: list[int], posted: dict) -> torch.Tensor | None:
+        """Keep the receives of the next two receiving actions (from this one on) posted; wait for this one's."""
+        start = bisect.bisect_left(receiving, index)
+        for k in receiving[start: start + 2]:
+            if k not in posted:
+                posted[k] = self._post_recv(self.actions[k])
+        if index not in posted:
+            return None
+        work, buffer = posted.pop(index)
+        with self.timeline.span(str(action), "recv"):
+            work.wait()
+        return buffer
+
+    def _exchange(self, exchange: Exchange) -> None:
+        """One batch_isend_irecv with every send and receive of this round, waited for at once
+        (Megatron-LM's default; on NCCL the wait only orders the compute stream after it)."""
+        ranks, group, p = self.topology.pipeline_global_ranks, self.topology.group, self.topology.num_stages
+        ops, arrivals = [], []
+        for message in exchange.sends:
+            ops.append(dist.P2POp(dist.isend, self._outbox.pop(message.key), ranks[message.receiver], group))
+        for message in exchange.recvs:
+            buffer = self._empty_message()
+            ops.append(dist.P2POp(dist.irecv, buffer, ranks[message.sender], group))
+            arrivals.append((message.key, buffer))
+        works = None
+        if exchange.sends:
+            with self.timeline.span(str(exchange.sends[0].producer(p)), "send"):
+                works = dist.batch_isend_irecv(ops)
+        label, kind = ((str(exchange.recvs[0].consumer(p)), "recv") if exchange.recvs
+                       else (str(exchange.sends[0].producer(p)), "send_wait"))
+        with self.timeline.span(label, kind):
+            for work in works if works is not None else dist.batch_isend_irecv(ops):
+                work.wait()
+        self._inbox.update(arrivals)
 
     # -- the step --
     def run(self, batches: Sequence, dropout_keys: Sequence | None = None) -> torch.Tensor | None:
@@ -282,35 +439,37 @@ class PipelineExecutor:
             raise ValueError(f"expected {self.num_micro_batches} micro-batches, got {len(batches)}")
         self._dropout_keys = list(dropout_keys) if dropout_keys is not None else [None] * self.num_micro_batches
         self._pending_sends: list = []
+        self._outbox: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._inbox: dict[tuple[str, int, int], torch.Tensor] = {}
         self._inputs: dict[tuple[int, int], torch.Tensor | None] = {}
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
-        posted: dict[int, tuple] = {}
-        loss_sum = None
+        steps = self._program if self._program is not None else range(len(self.actions))
         receiving = [k for k, a in enumerate(self.actions) if self._needs_recv(a)]
-        next_recv = 0
-        for index, action in enumerate(self.actions):
-            # keep the receives of the next two receiving actions (from this one on) posted
-            while next_recv < len(receiving) and receiving[next_recv] < index:
-                next_recv += 1
-            for k in receiving[next_recv: next_recv + 2]:
-                if k not in posted:
-                    posted[k] = self._post_recv(self.actions[k])
-            received = None
-            if index in posted:
-                work, buffer = posted.pop(index)
-                with self.timeline.span(str(action), "recv"):
-                    work.wait()
-                received = buffer
+        posted: dict[int, tuple] = {}  # tagged: action index -> (work, buffer) of its posted receive
+        loss_sum = None
+        for step in steps:
+            if isinstance(step, Exchange):
+                self._exchange(step)
+                continue
+            index, action = step, self.actions[step]
+            if self._program is not None:  # batched: the input arrived in an earlier exchange
+                received = self._inbox.pop(self._input_key(action)) if self._needs_recv(action) else None
+            else:
+                received = self._tagged_receive(index, action, receiving, posted)
             if action.kind == FORWARD:
                 loss = self._forward(action, batches[action.micro_batch], received)
                 if loss is not None:
                     loss_sum = loss if loss_sum is None else loss_sum + loss
             else:
                 self._backward(index, action, received)
-        with self.timeline.span("step", "send_wait"):
-            for work, _ in self._pending_sends:
-                work.wait()
-        self._pending_sends.clear()
+        if self._program is None:
+            with self.timeline.span("step", "send_wait"):
+                for work, _ in self._pending_sends:
+                    work.wait()
+            self._pending_sends.clear()
+        if self._outbox or self._inbox:
+            raise RuntimeError(f"pipeline rank {self.topology.pipeline_rank}: messages left over after the step "
+                               f"(unsent {sorted(self._outbox)[:3]}, unused {sorted(self._inbox)[:3]})")
         return loss_sum
 
     def _forward(self, action: Action, batch, received: torch.Tensor | None) -> torch.Tensor | None:
@@ -330,7 +489,7 @@ class PipelineExecutor:
         self._outputs[key] = output
         if chunk.is_last:
             return output.detach()
-        self._send(output, chunk.stage + 1, _ACTIVATION, action.micro_batch, str(action))
+        self._send(output, chunk.stage + 1, ACTIVATION, action.micro_batch, str(action))
         return None
 
     def _backward(self, index: int, action: Action, received: torch.Tensor | None) -> None:
@@ -346,4 +505,4 @@ class PipelineExecutor:
             else:
                 torch.autograd.backward(output, grad_tensors=received.to(output.dtype))
         if not chunk.is_first:
-            self._send(inputs.grad, chunk.stage - 1, _GRADIENT, action.micro_batch, str(action))
+            self._send(inputs.grad, chunk.stage - 1, GRADIENT, action.micro_batch, str(action))

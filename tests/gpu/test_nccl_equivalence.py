@@ -1,0 +1,182 @@
+"""The runtime on CUDA with NCCL, one GPU per rank: the equivalence cases of
+tests/dist/test_equivalence.py (every case whose world fits the visible GPUs; the world-1 cases
+run on a single GPU), the batched point-to-point path on NCCL for every schedule, placement of
+every tensor on the rank's GPU, the allocator's peak memory, CUDA-event timelines, and a crashing
+or stuck rank turning into an error within 60 s.
+
+Skipped without CUDA (tests/conftest.py); each multi-rank case is skipped when
+torch.cuda.device_count() is below its world size (NCCL cannot put two ranks on one GPU).
+The reference is the serial GPT on the CPU; TF32 is off, so fp32 GPU results differ from it by
+reduction order only (tolerances 10x those of the gloo suite, still 100x below a misplaced shard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist.harness import dict_mismatches, relative_mismatch
+from dist.test_batched_p2p import CASES as BATCHED_CASES
+from dist.test_equivalence import (BF16_LOSS_RTOL, CASES, GPT, SEED, STEPS, WEIGHT_ATOL, Case, _initial_state,
+                                   _plan, serial_reference)
+from modelpar.runtime.launch import RankFailure, spawn
+from modelpar.runtime.mesh import ParallelContext, ParallelDims
+from modelpar.train import RankTrainer, TrainConfig, peak_memory_bytes
+
+pytestmark = pytest.mark.gpu
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+LOSS_RTOL, GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-3, 1e-5
+FAILURE_DEADLINE_S = 60.0
+
+SINGLE_GPU_CASES = [
+    Case("gpu-t1p1d1-fp32", GPT, _plan(1, 1, 1, m=3)),
+    Case("gpu-t1p1d1-bf16-full", GPT, _plan(1, 1, 1, m=2, recompute="full"), dtype="bf16"),
+]
+ALL_CASES = SINGLE_GPU_CASES + CASES + [dataclasses.replace(c, name=c.name.replace("batched", "nccl"))
+                                        for c in BATCHED_CASES]
+RUNNABLE = [c for c in ALL_CASES if c.plan.world_size <= GPUS]
+
+
+def _tensors_off_device(trainer, device) -> list[str]:
+    """Parameters, gradients and optimizer states that are not on the rank's GPU."""
+    wrong = [f"parameter {name}" for name, p in trainer.modules.named_parameters() if p.device != device]
+    wrong += [f"grad {name}" for name, p in trainer.modules.named_parameters()
+              if p.grad is not None and p.grad.device != device]
+    optimizer = trainer.optimizer
+    for attribute in ("master_shard", "exp_avg", "exp_avg_sq"):
+        states = getattr(optimizer, attribute, None)
+        for state in states if isinstance(states, list) else [states] if states is not None else []:
+            if state.device != device:
+                wrong.append(f"optimizer {attribute}")
+    return wrong
+
+
+def _run_nccl_cases(rank: int, world_size: int, cases: list[Case], store_dir: str) -> dict:
+    """As tests/dist/test_equivalence._run_cases, on NCCL (the launch made cuda:<rank> current)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda", torch.cuda.current_device())
+    dist.barrier()
+    dist.destroy_process_group()
+    results = {}
+    for index, case in enumerate(cases):
+        size = case.plan.world_size
+        if rank >= size:
+            continue
+        dist.init_process_group("nccl", init_method=f"file://{store_dir}/case{index}", rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=120))
+        ctx = ParallelContext(ParallelDims.from_plan(case.plan))
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+        config = TrainConfig(case.model, case.plan, STEPS, SEED, case.dtype, "synthetic", progress=False)
+        trainer = RankTrainer(config, ctx, initial_state=_initial_state(case))
+        fp32 = case.dtype == "fp32"
+        initial_state = trainer.full_state_dict() if fp32 else None
+        losses = [trainer.forward_backward(0)]
+        off_device = _tensors_off_device(trainer, ctx.device)
+        events = list(trainer.timeline.events)
+        grads = trainer.full_gradients() if fp32 else None
+        trainer.optimizer_step()
+        losses += [trainer.step(step) for step in range(1, STEPS)]
+        state = trainer.full_state_dict() if fp32 else None
+        report = {"mode": trainer.executor.p2p_mode, "device": str(ctx.device), "off_device": off_device,
+                  "peak": peak_memory_bytes(ctx.device),
+                  "compute_s": sum(e.end - e.start for e in events if e.kind == "compute"),
+                  "bad_events": sum(e.end < e.start for e in events)}
+        reports = [None] * size
+        dist.all_gather_object(reports, report)
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank == 0:
+            results[case.name] = {"losses": losses, "grads": grads, "state": state, "initial_state": initial_state,
+                                  "reports": reports}
+    assert device == torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"file://{store_dir}/final", rank=rank, world_size=world_size)
+    dist.barrier()
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs():
+    if not RUNNABLE:
+        pytest.skip("no CUDA device")
+    world = max(c.plan.world_size for c in RUNNABLE)
+    with tempfile.TemporaryDirectory() as store_dir:
+        return spawn(_run_nccl_cases, world, (RUNNABLE, store_dir), timeout_s=900, backend="nccl")[0]
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c.name for c in ALL_CASES])
+def test_layout_matches_serial_on_nccl(runs, case):
+    if case.plan.world_size > GPUS:
+        pytest.skip(f"needs {case.plan.world_size} GPUs, {GPUS} visible")
+    got, want = runs[case.name], serial_reference(case)
+    problems = []
+    for rank, report in enumerate(got["reports"]):
+        expected_mode = "batched" if case.plan.pipeline_parallel > 1 else "none"
+        if report["mode"] != expected_mode:
+            problems.append(f"rank {rank}: p2p mode {report['mode']!r}, expected {expected_mode!r}")
+        if report["device"] != f"cuda:{rank}":
+            problems.append(f"rank {rank} ran on {report['device']}, expected cuda:{rank}")
+        problems += [f"rank {rank}: {what} is not on cuda:{rank}" for what in report["off_device"][:3]]
+        if report["peak"] <= 0:
+            problems.append(f"rank {rank}: torch.cuda.max_memory_allocated reported {report['peak']}")
+        if report["compute_s"] <= 0 or report["bad_events"]:
+            problems.append(f"rank {rank}: CUDA-event timeline: compute {report['compute_s']} s, "
+                            f"{report['bad_events']} events ending before they start")
+    if case.dtype == "fp32":
+        for step, (a, b) in enumerate(zip(got["losses"], want["losses"])):
+            problems += relative_mismatch(f"loss of step {step}", a, b, LOSS_RTOL)
+        problems += dict_mismatches("initial weight ", got["initial_state"], want["initial_state"], 0.0, 0.0)
+        problems += dict_mismatches("grad ", got["grads"], want["grads"], GRAD_RTOL, GRAD_ATOL)
+        problems += dict_mismatches("weight ", got["state"], want["state"], 0.0, WEIGHT_ATOL)
+    else:
+        for step, (a, b) in enumerate(zip(got["losses"], want["losses"])):
+            problems += relative_mismatch(f"bf16 loss of step {step}", a, b, BF16_LOSS_RTOL)
+    assert not problems, "\n".join(problems[:12])
+
+
+# --- failures on NCCL -------------------------------------------------------------------------------
+
+
+def _rank_one_exits(rank: int, world_size: int) -> None:
+    value = torch.ones(1, device="cuda")
+    dist.all_reduce(value)  # the communicator exists before the crash
+    if rank == 1:
+        os._exit(3)
+    dist.all_reduce(value)
+    torch.cuda.synchronize()
+
+
+def _rank_one_stalls(rank: int, world_size: int) -> None:
+    value = torch.ones(1, device="cuda")
+    dist.all_reduce(value)
+    if rank == 1:
+        time.sleep(3600)  # alive but never joins: only the NCCL timeout can end rank 0's wait
+    dist.all_reduce(value)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+def test_crashing_nccl_rank_is_named_within_60_s():
+    started = time.monotonic()
+    with pytest.raises(RankFailure, match=r"rank 1 of 2 died with exit code 3") as info:
+        spawn(_rank_one_exits, 2, timeout_s=300, backend="nccl")
+    assert info.value.rank == 1
+    assert time.monotonic() - started < FAILURE_DEADLINE_S
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+def test_stuck_nccl_collective_times_out_instead_of_hanging(monkeypatch):
+    monkeypatch.setenv("MODELPAR_COLLECTIVE_TIMEOUT_S", "15")
+    started = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        spawn(_rank_one_stalls, 2, timeout_s=120, backend="nccl")
+    assert info.value.rank == 0, str(info.value)  # the NCCL watchdog ended rank 0, not the spawn timeout
+    assert time.monotonic() - started < FAILURE_DEADLINE_S
