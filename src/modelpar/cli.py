@@ -196,6 +196,22 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return simulate_command(args)
 
 
+# --- profile ------------------------------------------------------------------------------------
+
+def _add_profile(subparsers) -> None:
+    from modelpar.profile import add_profile_arguments
+
+    parser = subparsers.add_parser("profile", help="measure this machine as a cluster spec (--cluster local)")
+    add_profile_arguments(parser)
+    parser.set_defaults(func=_cmd_profile)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from modelpar.profile import profile_command
+
+    return profile_command(args)
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train(subparsers)  # modelpar.train imports torch only inside its functions
     _add_simulate(subparsers)
+    _add_profile(subparsers)
     return parser
 
 

@@ -106,7 +106,8 @@ def predict_schedule(
 
     num_devices = num_devices or plan.world_size
     step_estimate = estimate(model, cluster, num_devices, plan)
-    times = action_times(model, cluster, plan, step_estimate.breakdown.get("data_parallel_comm_s", 0.0),
+    times = action_times(model, cluster.for_world_size(plan.world_size), plan,
+                         step_estimate.breakdown.get("data_parallel_comm_s", 0.0),
                          step_estimate.breakdown.get("optimizer_s", 0.0))
     actions = build_schedule(plan.schedule, plan.pipeline_parallel, plan.num_micro_batches, plan.virtual_stages)
     simulation = simulate(

@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from modelpar.runtime.prediction import try_predict
 from modelpar.specs import ModelSpec, ParallelPlan, SpecError, load_cluster, load_model, load_plan
 
 DEFAULT_STEPS = 20
@@ -264,7 +265,7 @@ def peak_memory_bytes(device) -> int:
     Python interpreter and torch, a few hundred MB)."""
     import torch
 
-    if getattr(device, "type", "cpu") == "cuda":
+    if getattr(device, "type", device) == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
@@ -295,15 +296,24 @@ def measure_matmul_tflops(dtype: str = "fp32", device: str = "cpu", trials: int 
 
 
 def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
-    """Spawned (or torchrun) entry: train and return this rank's measurements."""
+    """Spawned (or torchrun) entry: train and return this rank's measurements (`runtime.prediction`
+    defines them: per-step compute / communication / bubble from the timeline, with collectives
+    timed inside the compute spans; peak memory; saved activations)."""
     import torch.distributed as dist
 
     from modelpar.runtime.checkpoint import load_checkpoint, save_checkpoint
+    from modelpar.runtime.instrument import (COLLECTIVE_KIND, LAUNCH_KIND, ActivationTracker,
+                                             layer_activation_bytes, model_state_bytes, timed_collectives)
     from modelpar.runtime.mesh import ParallelContext, ParallelDims
 
     ctx = ParallelContext(ParallelDims.from_plan(config.plan))
     initial_state = load_checkpoint(config.load_checkpoint)[0] if config.load_checkpoint else None
     trainer = RankTrainer(config, ctx, initial_state)
+    on_cuda = getattr(ctx.device, "type", "cpu") == "cuda"
+    tracker = None
+    if not on_cuda:  # CPU: activation memory from saved-tensor hooks (CUDA: the allocator's peak)
+        tracker = ActivationTracker(excluded=trainer.modules.parameters())
+        tracker.attach(trainer.chunks)
     bar = None
     if rank == 0 and config.progress:
         from tqdm import tqdm
@@ -311,30 +321,53 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
         bar = tqdm(total=config.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     tokens = config.plan.global_batch_size * config.model.seq_length
     losses, step_times, last_step_events = [], [], []
+    step_events, activation_peaks, states = [], [], None
     totals: dict[str, float] = {}  # seconds by event kind (compute, recv, send, grad_sync, ...) over all steps
     dist.barrier()
-    for step in range(config.steps):
-        if step == config.steps - 1 and step > 0:
-            dist.barrier()  # the recorded timeline is the last step's, from a common start on every rank
-        start = time.perf_counter()
-        losses.append(trainer.step(step))
-        step_times.append(time.perf_counter() - start)
-        last_step_events = [(e.action, e.start - start, e.end - start, e.kind) for e in trainer.timeline.events]
-        for event in trainer.timeline.events:
-            totals[event.kind] = totals.get(event.kind, 0.0) + event.end - event.start
-        trainer.timeline.events.clear()
-        if bar is not None:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_per_s=f"{tokens / step_times[-1]:.0f}")
-            bar.update(1)
+    with timed_collectives(trainer.timeline):
+        for step in range(config.steps):
+            if step == config.steps - 1 and step > 0:
+                dist.barrier()  # the recorded timeline is the last step's, from a common start on every rank
+            start = time.perf_counter()
+            loss = trainer.forward_backward(step)
+            if states is None:  # gradients exist now and the optimizer has not cleared them
+                pause = time.perf_counter()
+                states = model_state_bytes(trainer.modules, trainer.optimizer, trainer.reducers)
+                start += time.perf_counter() - pause
+            trainer.optimizer_step()
+            losses.append(loss)
+            step_times.append(time.perf_counter() - start)
+            events = trainer.timeline.events
+            step_events.append((step_times[-1], [(e.start, e.end, e.kind, e.action) for e in events]))
+            if tracker is not None:
+                activation_peaks.append(tracker.peak_bytes(trainer.executor.actions))
+            last_step_events = [(e.action, e.start - start, e.end - start, e.kind) for e in events
+                                if e.kind not in (COLLECTIVE_KIND, LAUNCH_KIND)]
+            for event in events:
+                totals[event.kind] = totals.get(event.kind, 0.0) + event.end - event.start
+            events.clear()
+            if bar is not None:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_per_s=f"{tokens / step_times[-1]:.0f}")
+                bar.update(1)
     if bar is not None:
         bar.close()
+    if tracker is not None:
+        tracker.detach()
     if config.save_checkpoint:
         save_checkpoint(config.save_checkpoint, trainer.chunks, ctx,
                         {"model": config.model.name, "plan": config.plan.to_dict(), "steps": config.steps,
                          "seed": config.seed, "dtype": config.dtype})
+    warm = slice(1, None) if config.steps > 1 else slice(None)  # the first step warms up
+    if on_cuda:
+        peak = peak_memory_bytes(ctx.device)
+    else:
+        peak = sum(states.values()) + max(activation_peaks)
     mine = {"rank": rank, "losses": losses, "step_times_s": step_times,
-            "peak_memory_bytes": peak_memory_bytes(ctx.device), "time_by_kind_s": totals,
-            "last_step_timeline": last_step_events}
+            "step_events": step_events[warm],
+            "peak_memory_bytes": peak, "peak_rss_bytes": peak_memory_bytes("cpu"),
+            "model_state_bytes": states, "peak_activation_bytes": max(activation_peaks) if activation_peaks else None,
+            "activation_bytes_per_layer": layer_activation_bytes(config.model, config.plan, config.dtype, ctx),
+            "time_by_kind_s": totals, "last_step_timeline": last_step_events}
     gathered = [None] * world_size if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     return gathered  # every rank's measurements on rank 0, None elsewhere
@@ -358,22 +391,36 @@ def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT
                          load_checkpoint=load_checkpoint, save_checkpoint=save_checkpoint)
     validate_training(config)
     world = plan.world_size
-    predicted = _prediction(model_spec, plan, cluster)
     torchrun = under_torchrun()
+    backend = default_backend() if torchrun else "gloo"
+    cluster_error = None
+    if cluster is None and backend == "gloo":  # CPU ranks: this machine's profile, when there is one
+        from modelpar.specs.local import load_local_cluster
+
+        try:
+            cluster = load_local_cluster()
+        except SpecError as error:
+            cluster_error = str(error)
+    elif cluster is None:
+        cluster_error = "no cluster given: pass --cluster to compare with the planner"
+    predicted, prediction_error = try_predict(model_spec, plan, cluster, dtype, cluster_error)
     if cluster is not None:
-        peak, peak_source = cluster.device.peak_tflops, f"cluster {cluster.name}"
+        peak = cluster.for_world_size(world).device.peak_tflops
+        peak_source = f"cluster {cluster.name}"
     elif torchrun:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if default_backend() == "nccl" else "cpu"
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if backend == "nccl" else "cpu"
         peak, peak_source = measure_matmul_tflops(dtype, device), f"measured {device} matmul"
     else:
         peak, peak_source = measure_matmul_tflops(dtype) / world, "measured host matmul / ranks"
     # torchrun: this process's rank only (NCCL on GPUs); otherwise gloo ranks on this machine's CPU
-    results = spawn(_train_worker, world, (config,), timeout_s=timeout_s,
-                    backend=default_backend() if torchrun else "gloo")
+    results = spawn(_train_worker, world, (config,), timeout_s=timeout_s, backend=backend)
     rank_results = next((r for r in results if r is not None), None)
     if rank_results is None:  # a torchrun rank other than 0: rank 0 reports
         return None
-    return summarise(config, rank_results, peak, peak_source, predicted)
+    summary = summarise(config, rank_results, peak, peak_source, predicted)
+    summary["prediction"] = {"cluster": cluster.name if cluster is not None else None, "error": prediction_error,
+                             **({key: predicted[key] for key in ("breakdown", "memory")} if predicted else {})}
+    return summary
 
 
 def _env_crash_rank() -> int | None:
@@ -383,31 +430,42 @@ def _env_crash_rank() -> int | None:
 
 def summarise(config: TrainConfig, rank_results: list[dict], peak_tflops: float, peak_source: str,
               predicted: dict | None = None) -> dict:
-    """The JSON summary of a run from the ranks' measurements (rank 0's losses; step time: the
-    slowest rank's mean over the steps after the first, which includes warm-up)."""
+    """The JSON summary of a run from the ranks' measurements: rank 0's losses; `measured` and
+    `predicted` with the same keys (`runtime.prediction.COMPARED_KEYS`, tokens/s, MFU) and
+    `relative_error`. Step time: the slowest rank's median over the steps after the first
+    (which includes warm-up)."""
     from modelpar.data import make_token_source
     from modelpar.planner.flops import hfu, mfu
+    from modelpar.runtime.prediction import (COMPARED_KEYS, measured_times, rank_step_breakdowns, rank_summary,
+                                             relative_errors)
 
     plan, model = config.plan, config.model
     first = rank_results[0]
-    per_rank_step = []
-    for result in rank_results:
-        times = result["step_times_s"][1:] or result["step_times_s"]
-        per_rank_step.append(sum(times) / len(times))
-    step_time = max(per_rank_step)
+    breakdowns = rank_step_breakdowns([result["step_events"] for result in rank_results])
+    for result, steps in zip(rank_results, breakdowns):
+        result["breakdown"] = rank_summary(steps, [step_time for step_time, _ in result["step_events"]])
+    times = measured_times([result["breakdown"] for result in rank_results])
+    step_time = times["step_time_s"]
     world = plan.world_size
     tokens = plan.global_batch_size * model.seq_length
     measured = {
-        "step_time_s": step_time,
+        **times,
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rank_results),
+        "activation_bytes_per_layer": max(r["activation_bytes_per_layer"] for r in rank_results),
         "tokens_per_s": tokens / step_time,
         "mfu": mfu(model, plan.global_batch_size, step_time, world, peak_tflops),
+    }
+    if predicted is not None:
+        predicted = {key: predicted[key] for key in measured}
+    details = {
         "hfu": hfu(model, plan.global_batch_size, plan.recompute, step_time, world, peak_tflops),
-        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rank_results),
         "peak_tflops_per_device": peak_tflops,
         "peak_tflops_source": peak_source,
         "step_times_s": first["step_times_s"],
-        "per_rank": [{"rank": r["rank"], "peak_memory_bytes": r["peak_memory_bytes"],
-                      "time_by_kind_s": r["time_by_kind_s"]} for r in rank_results],
+        "per_rank": [{key: r[key] for key in ("rank", "breakdown", "peak_memory_bytes", "peak_rss_bytes",
+                                              "model_state_bytes", "peak_activation_bytes",
+                                              "activation_bytes_per_layer", "time_by_kind_s")}
+                     for r in rank_results],
     }
     return {
         "model": model.name, "plan": plan.to_dict(), "dtype": config.dtype, "steps": config.steps,
@@ -415,25 +473,10 @@ def summarise(config: TrainConfig, rank_results: list[dict], peak_tflops: float,
         "data": make_token_source(config.data_path, model.vocab_size, config.seed).description,
         "losses": first["losses"], "step_time_s": step_time, "tokens_per_s": measured["tokens_per_s"],
         "mfu": measured["mfu"], "peak_memory_bytes": measured["peak_memory_bytes"],
-        "measured": measured, "predicted": predicted,
+        "measured": measured, "predicted": predicted, "relative_error": relative_errors(predicted, measured),
+        "compared_keys": list(COMPARED_KEYS), "measurement": details,
         "timeline": {str(r["rank"]): r["last_step_timeline"] for r in rank_results},
     }
-
-
-def _prediction(model: ModelSpec, plan: ParallelPlan, cluster) -> dict | None:
-    """The planner's estimate of this plan on `cluster` (None without a cluster; {"error": ...}
-    when the planner rejects a plan that the runtime can still run)."""
-    if cluster is None:
-        return None
-    from modelpar.planner.cost import estimate
-
-    try:
-        result = estimate(model, cluster, plan.world_size, plan)
-    except SpecError as error:
-        return {"cluster": cluster.name, "error": str(error)}
-    return {"cluster": cluster.name, "step_time_s": result.step_time_s, "mfu": result.mfu,
-            "tokens_per_s": plan.global_batch_size * model.seq_length / result.step_time_s,
-            "memory_per_device_bytes": result.memory.total, "breakdown": dict(result.breakdown)}
 
 
 # --- command line --------------------------------------------------------------------------------------
@@ -471,7 +514,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", help="text file (byte-level tokens), or 'synthetic'; default: the packaged corpus")
     parser.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE)
-    parser.add_argument("--cluster", help="cluster preset/JSON: its device peak for MFU and the planner's prediction")
+    parser.add_argument("--cluster", help="cluster preset/JSON/'local' for the planner's prediction and the MFU peak "
+                                          "(default on CPU: the `modelpar profile` of this machine, if any)")
     parser.add_argument("--load-checkpoint", metavar="PATH", help="start from a checkpoint (serial layout, any plan)")
     parser.add_argument("--save-checkpoint", metavar="PATH", help="save the final weights (serial layout)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are declared stuck")
@@ -512,13 +556,13 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary: dict) -> None:
-    """Human-readable result: the plan, losses, and measured (vs predicted) step time, MFU, memory."""
+    """Human-readable result: the plan, losses, and measured vs predicted step time (compute,
+    communication, bubble), memory and throughput, with the relative error of each."""
     from rich.console import Console
-    from rich.table import Table
 
-    plan, measured, predicted = summary["plan"], summary["measured"], summary["predicted"]
-    if predicted is not None and "error" in predicted:
-        predicted = None
+    from modelpar.runtime.prediction import print_comparison
+
+    plan = summary["plan"]
     console = Console()
     console.print(
         f"[bold]{summary['model']}[/bold] on t{plan['tensor_parallel']} x p{plan['pipeline_parallel']} x "
@@ -529,19 +573,10 @@ def print_summary(summary: dict) -> None:
     )
     losses = summary["losses"]
     console.print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
-    table = Table("metric", "measured", "predicted")
-    rows = [
-        ("step time (s)", f"{measured['step_time_s']:.4f}", predicted and f"{predicted['step_time_s']:.4f}"),
-        ("tokens/s", f"{measured['tokens_per_s']:.0f}", predicted and f"{predicted['tokens_per_s']:.0f}"),
-        ("MFU", f"{measured['mfu']:.2%}", predicted and f"{predicted['mfu']:.2%}"),
-        ("peak memory / rank (MiB)", f"{measured['peak_memory_bytes'] / 2**20:.0f}",
-         predicted and f"{predicted['memory_per_device_bytes'] / 2**20:.0f}"),
-    ]
-    for name, value, prediction in rows:
-        table.add_row(name, value, prediction or "-")
-    console.print(table)
-    console.print(f"MFU against {measured['peak_tflops_per_device']:.3g} TFLOP/s per rank "
-                  f"({measured['peak_tflops_source']})")
+    print_comparison(summary, console)
+    details = summary["measurement"]
+    console.print(f"MFU against {details['peak_tflops_per_device']:.3g} TFLOP/s per rank "
+                  f"({details['peak_tflops_source']})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,9 @@ Sec. 3.3 keep tensor parallelism inside a node). A group of n ranks spaced `stri
   with t x p = 8 has one member per node, W = 25 GB/s (the 200 / 8 of Narayanan et al. 2021
   Sec. 5.6); a tensor group of 16 over two nodes has 8 members per node, W = 200 GB/s.
 
-Every bandwidth is multiplied by `NETWORK_EFFICIENCY` (achieved bus bandwidth / nominal).
+Every bandwidth is multiplied by `NETWORK_EFFICIENCY` (achieved bus bandwidth / nominal), or by
+the cluster's own `network_efficiency` when it has one (1 for a profiled machine, whose
+bandwidths are measured, `modelpar profile`).
 """
 
 from __future__ import annotations
@@ -84,6 +86,11 @@ def p2p_time(num_bytes: float, link: Link) -> float:
     return num_bytes / link.bandwidth + link.latency_s
 
 
+def network_efficiency(cluster: ClusterSpec) -> float:
+    """Achieved / nominal bandwidth: the cluster's measured value, else NETWORK_EFFICIENCY."""
+    return cluster.network_efficiency if cluster.network_efficiency is not None else NETWORK_EFFICIENCY
+
+
 def group_link(cluster: ClusterSpec, group_size: int, stride: int) -> Link:
     """Bandwidth and latency per rank for a group of `group_size` ranks spaced `stride` apart
     (see the module docstring for the placement rule and the shared-NIC formula)."""
@@ -93,11 +100,11 @@ def group_link(cluster: ClusterSpec, group_size: int, stride: int) -> Link:
     intra = cluster.intra_node_bandwidth_gb_per_s * 1e9
     span = stride * group_size
     if group_size == 1 or (span <= per_node and per_node % span == 0):
-        return Link(intra * NETWORK_EFFICIENCY, cluster.intra_node_latency_us * 1e-6, False)
+        return Link(intra * network_efficiency(cluster), cluster.intra_node_latency_us * 1e-6, False)
     members_per_node = max(1, min(group_size, per_node // stride))
     nic_share = cluster.inter_node_bandwidth_gb_per_s * 1e9 / per_node
     bandwidth = min(intra, members_per_node * nic_share)
-    return Link(bandwidth * NETWORK_EFFICIENCY, cluster.inter_node_latency_us * 1e-6, True)
+    return Link(bandwidth * network_efficiency(cluster), cluster.inter_node_latency_us * 1e-6, True)
 
 
 def tensor_link(cluster: ClusterSpec, tensor_parallel: int) -> Link:
@@ -121,8 +128,8 @@ def pipeline_link(cluster: ClusterSpec, tensor_parallel: int, pipeline_parallel:
     per_node = cluster.devices_per_node
     span = tensor_parallel * pipeline_parallel
     if pipeline_parallel == 1 or (span <= per_node and per_node % span == 0):
-        intra = cluster.intra_node_bandwidth_gb_per_s * 1e9 * NETWORK_EFFICIENCY
+        intra = cluster.intra_node_bandwidth_gb_per_s * 1e9 * network_efficiency(cluster)
         return Link(intra, cluster.intra_node_latency_us * 1e-6, False)
     nic_share = cluster.inter_node_bandwidth_gb_per_s * 1e9 / per_node
     bandwidth = min(cluster.intra_node_bandwidth_gb_per_s * 1e9, nic_share)
-    return Link(bandwidth * NETWORK_EFFICIENCY, cluster.inter_node_latency_us * 1e-6, True)
+    return Link(bandwidth * network_efficiency(cluster), cluster.inter_node_latency_us * 1e-6, True)

@@ -32,6 +32,19 @@ large s / h; the validation report shows it on the smallest Narayanan et al. 202
 Backward: each GEMM becomes two (input gradient and weight gradient) of the same FLOPs; each
 memory-bound kernel reads the saved input and the output gradient and writes the input gradient,
 twice the traffic of its forward (which reads one tensor and writes one).
+
+Measured devices (`modelpar profile`, the eager CPU runtime). A DeviceSpec may carry measured
+values that replace the global constants for that device only: `matmul_efficiency`,
+`memory_bandwidth_efficiency`, `kernel_overhead_us` (per eager op), `matmul_operand_bandwidth_gb_per_s`
+(a CPU BLAS packs both operands and the result block by block, at a rate far below streaming
+bandwidth: the operand term of the GEMM time uses it), `value_bytes` (4: fp32 training),
+`dropout_ns_per_element` (the runtime's keyed-hash dropout, far dearer than a fused 1-byte mask)
+and `optimizer_ns_per_parameter`. With `attention_kernel = 'explicit'` the attention core is the
+textbook one the CPU runtime runs (`models.gpt.AttentionCore`): two batched GEMMs over the whole
+s x s score matrix (no causal skipping) and the scale, causal mask, softmax (and dropout) as
+separate kernels that each read and write the b a s^2 scores (Korthikanti et al. 2022, Sec. 4.1
+count the same tensors); backward: four batched GEMMs, the softmax backward (reads P and dP,
+writes dS) and the scale's. Presets carry none of these, so the GPU validation is unchanged.
 """
 
 from __future__ import annotations
@@ -63,8 +76,31 @@ forward's 2 (Dao 2023, FlashAttention-2, Sec. 3.1.2)."""
 BACKWARD_TRAFFIC_FACTOR = 2.0  # backward of a memory-bound kernel vs its forward (module docstring)
 
 
+def value_bytes(device: DeviceSpec) -> int:
+    """Bytes per activation / weight value: the device's training precision (default 16-bit)."""
+    return device.value_bytes if device.value_bytes is not None else VALUE_BYTES
+
+
+def kernel_overhead_s(device: DeviceSpec) -> float:
+    """Fixed seconds per kernel: measured for the device, else KERNEL_OVERHEAD_S."""
+    return device.kernel_overhead_us * 1e-6 if device.kernel_overhead_us is not None else KERNEL_OVERHEAD_S
+
+
 def _matmul_rate(device: DeviceSpec) -> float:
-    return device.peak_tflops * 1e12 * MATMUL_EFFICIENCY
+    efficiency = device.matmul_efficiency if device.matmul_efficiency is not None else MATMUL_EFFICIENCY
+    return device.peak_tflops * 1e12 * efficiency
+
+
+def _memory_rate(device: DeviceSpec) -> float:
+    efficiency = (device.memory_bandwidth_efficiency if device.memory_bandwidth_efficiency is not None
+                  else MEMORY_BANDWIDTH_EFFICIENCY)
+    return device.memory_bandwidth_gb_per_s * 1e9 * efficiency
+
+
+def _operand_rate(device: DeviceSpec) -> float:
+    if device.matmul_operand_bandwidth_gb_per_s is not None:
+        return device.matmul_operand_bandwidth_gb_per_s * 1e9
+    return _memory_rate(device)
 
 
 def gemm_time(device: DeviceSpec, m: float, n: float, k: float, batch: float = 1.0) -> float:
@@ -72,12 +108,8 @@ def gemm_time(device: DeviceSpec, m: float, n: float, k: float, batch: float = 1
     if min(m, n, k, batch) <= 0:
         raise SpecError(f"GEMM dimensions must be positive, got m={m}, n={n}, k={k}, batch={batch}")
     flops = 2.0 * m * n * k * batch
-    traffic = VALUE_BYTES * batch * (m * k + k * n + m * n)
-    return (
-        flops / _matmul_rate(device)
-        + traffic / (device.memory_bandwidth_gb_per_s * 1e9 * MEMORY_BANDWIDTH_EFFICIENCY)
-        + KERNEL_OVERHEAD_S
-    )
+    traffic = value_bytes(device) * batch * (m * k + k * n + m * n)
+    return flops / _matmul_rate(device) + traffic / _operand_rate(device) + kernel_overhead_s(device)
 
 
 def gemm_with_backward_time(
@@ -92,8 +124,18 @@ def gemm_with_backward_time(
 
 def memory_bound_time(device: DeviceSpec, num_bytes: float, kernels: int = 1) -> float:
     """Seconds for `kernels` memory-bound kernels moving `num_bytes` in total."""
-    bandwidth = device.memory_bandwidth_gb_per_s * 1e9 * MEMORY_BANDWIDTH_EFFICIENCY
-    return num_bytes / bandwidth + kernels * KERNEL_OVERHEAD_S
+    return num_bytes / _memory_rate(device) + kernels * kernel_overhead_s(device)
+
+
+def dropout_time(device: DeviceSpec, elements: float) -> float:
+    """Extra seconds of dropout on `elements` values beyond the kernel it is fused into: a
+    MASK_BYTES mask written at memory bandwidth (the fused backward reads it back: charged by the
+    caller), or the measured per-element cost of the device's dropout (`dropout_ns_per_element`:
+    mask generation and application as separate eager ops, forward and backward together,
+    charged to the forward; recomputation charges its backward share once more)."""
+    if device.dropout_ns_per_element is not None:
+        return elements * device.dropout_ns_per_element * 1e-9
+    return MASK_BYTES * elements / _memory_rate(device)
 
 
 @dataclass(frozen=True)
@@ -150,27 +192,32 @@ def layer_compute(
         matmul_fwd += forward
         matmul_bwd += backward
 
-    # Attention core: one fused kernel per (sequence, head) in the forward, one in the backward.
-    batch = b * heads
     dropout = model.dropout > 0.0
-    core_flops = 4.0 * s * s * head * batch * CAUSAL_FRACTION  # Q K^T and P V, causal blocks only
-    head_io = VALUE_BYTES * batch * s * head  # bytes of one [s, head] operand over all heads
-    attention_fwd = core_flops / _matmul_rate(device) + memory_bound_time(device, 4 * head_io, 1)  # Q, K, V, O
-    attention_bwd = FLASH_BACKWARD_FLOP_RATIO * core_flops / _matmul_rate(device) + memory_bound_time(
-        device, 8 * head_io, 1  # reads Q, K, V, O, dO; writes dQ, dK, dV
-    )
+    if device.attention_kernel == "explicit":
+        attention_fwd, attention_bwd = explicit_attention_time(model, device, b, t)
+    else:  # one fused kernel per (sequence, head) in the forward, one in the backward
+        batch = b * heads
+        core_flops = 4.0 * s * s * head * batch * CAUSAL_FRACTION  # Q K^T and P V, causal blocks only
+        head_io = VALUE_BYTES * batch * s * head  # bytes of one [s, head] operand over all heads
+        attention_fwd = core_flops / _matmul_rate(device) + memory_bound_time(device, 4 * head_io, 1)  # Q, K, V, O
+        attention_bwd = FLASH_BACKWARD_FLOP_RATIO * core_flops / _matmul_rate(device) + memory_bound_time(
+            device, 8 * head_io, 1  # reads Q, K, V, O, dO; writes dQ, dK, dV
+        )
 
     # Memory-bound kernels outside the attention core.
+    vb = value_bytes(device)
     replicated = tokens * h / (t if sequence_parallel else 1)  # elements of [s, b, h] on this rank
-    mask = MASK_BYTES if dropout else 0
-    norms = 2 * (2 * VALUE_BYTES) * replicated  # two norms, each reads and writes [s, b, h]
-    residuals = 2 * (3 * VALUE_BYTES + mask) * replicated  # bias + dropout + residual add, twice
-    activation = (3 if model.activation == "swiglu" else 2) * VALUE_BYTES * tokens * f
-    transpose = 2 * VALUE_BYTES * tokens * q  # layout copy of the attention context to [s, b, q]
+    norms = 2 * (2 * vb) * replicated  # two norms, each reads and writes [s, b, h]
+    residuals = 2 * (3 * vb) * replicated  # bias + dropout + residual add, twice
+    activation = (3 if model.activation == "swiglu" else 2) * vb * tokens * f
+    transpose = 2 * vb * tokens * q  # layout copy of the attention context to [s, b, q]
     elementwise_bytes = norms + residuals + activation + transpose
     elementwise_kernels = 6
-    elementwise_fwd = memory_bound_time(device, elementwise_bytes, elementwise_kernels)
+    residual_dropout = 2 * dropout_time(device, replicated) if dropout else 0.0
+    elementwise_fwd = memory_bound_time(device, elementwise_bytes, elementwise_kernels) + residual_dropout
     elementwise_bwd = memory_bound_time(device, BACKWARD_TRAFFIC_FACTOR * elementwise_bytes, elementwise_kernels)
+    if dropout and device.dropout_ns_per_element is None:  # the fused backward kernel reads the mask back
+        elementwise_bwd += BACKWARD_TRAFFIC_FACTOR * residual_dropout
 
     if recompute == "full":
         recompute_s = matmul_fwd + attention_fwd + elementwise_fwd
@@ -191,6 +238,33 @@ def layer_compute(
     )
 
 
+def explicit_attention_time(model: ModelSpec, device: DeviceSpec, micro_batch_size: int,
+                            tensor_parallel: int) -> tuple[float, float]:
+    """(forward, backward) seconds of the unfused attention core on one tensor-parallel rank
+    (module docstring), with E = b a s^2 / t score elements:
+
+    forward: S = Q K^T and O = P V (batched s x s x d GEMMs; the query heads of a KV group share
+    one batched product), then scale, causal mask and softmax, each reading and writing E values
+    (3 x 2 E values), and dropout on P;
+    backward: the four GEMMs of dQ, dK, dP, dV; the softmax backward (reads P and dP, writes dS:
+    3 E) and the scale (2 E); dropout's backward is one more pass (2 E).
+    """
+    b, s, t = micro_batch_size, model.seq_length, tensor_parallel
+    head = model.attention_head_dim
+    batch = b * model.num_attention_heads / t
+    vb = value_bytes(device)
+    scores = batch * s * s
+    scores_fwd, scores_bwd = gemm_with_backward_time(device, s, s, head, batch)  # Q K^T
+    context_fwd, context_bwd = gemm_with_backward_time(device, s, head, s, batch)  # P V
+    forward = scores_fwd + context_fwd + memory_bound_time(device, 3 * (2 * vb) * scores, 4)
+    backward = scores_bwd + context_bwd + memory_bound_time(device, 5 * vb * scores, 2)
+    if model.dropout > 0.0:
+        forward += dropout_time(device, scores)
+        if device.dropout_ns_per_element is None:
+            backward += memory_bound_time(device, 2 * vb * scores, 1)  # gradient times the saved mask
+    return forward, backward
+
+
 @functools.lru_cache(maxsize=4096)
 def head_compute(
     model: ModelSpec, device: DeviceSpec, micro_batch_size: int, tensor_parallel: int, sequence_parallel: bool
@@ -201,7 +275,7 @@ def head_compute(
     tokens = micro_batch_size * model.seq_length
     vocab = model.vocab_size / t
     logits_fwd, logits_bwd = gemm_with_backward_time(device, tokens, vocab, model.hidden_size)
-    norm_bytes = 2 * VALUE_BYTES * tokens * model.hidden_size / (t if sequence_parallel else 1)
+    norm_bytes = 2 * value_bytes(device) * tokens * model.hidden_size / (t if sequence_parallel else 1)
     loss_bytes = LOGIT_BYTES_PER_ELEMENT * tokens * vocab
     forward = logits_fwd + memory_bound_time(device, norm_bytes + loss_bytes / 2, 4)
     backward = logits_bwd + memory_bound_time(device, BACKWARD_TRAFFIC_FACTOR * norm_bytes + loss_bytes / 2, 3)
@@ -217,11 +291,16 @@ def embedding_compute(
     embedding gradient."""
     tokens = micro_batch_size * model.seq_length
     width = tokens * model.hidden_size
-    forward_bytes = (3 * VALUE_BYTES + (MASK_BYTES if model.dropout > 0 else 0)) * width
+    forward = memory_bound_time(device, 3 * value_bytes(device) * width, 2)
+    if model.dropout > 0:
+        forward += dropout_time(device, width)
     backward_bytes = 2 * 4 * width
-    return memory_bound_time(device, forward_bytes, 2), memory_bound_time(device, backward_bytes, 2)
+    return forward, memory_bound_time(device, backward_bytes, 2)
 
 
 def optimizer_time(device: DeviceSpec, parameters: float) -> float:
-    """Adam step over `parameters` local parameters: memory-bound, ADAM_BYTES_PER_PARAMETER each."""
+    """Adam step over `parameters` local parameters: memory-bound, ADAM_BYTES_PER_PARAMETER each,
+    or the device's measured `optimizer_ns_per_parameter`."""
+    if device.optimizer_ns_per_parameter is not None:
+        return parameters * device.optimizer_ns_per_parameter * 1e-9
     return memory_bound_time(device, ADAM_BYTES_PER_PARAMETER * parameters, 4)

@@ -16,7 +16,8 @@ chunks per pipeline rank) is modelled as
   2019, Fig. 3: g and f); with sequence parallelism each becomes an all-gather + reduce-scatter of
   the same total volume (Korthikanti et al. 2022, Sec. 4.2.2). Full recomputation repeats the
   forward's. The backward re-gathers the sequence-parallel input for the weight gradient;
-  Megatron overlaps that with the input-gradient GEMM, so it is not counted.
+  Megatron overlaps that with the input-gradient GEMM, so it is not counted, except on CPU ranks
+  of a profiled host (`ClusterSpec.host_cores`), where gloo's copies need the cores the GEMM uses.
 - bubble: the schedule's idle share f from the simulation of its real action lists
   (`planner.pipeline`; the equal closed form for long schedules and inside the search):
   bubble = f / (1 - f) x m x (mean rank time per micro-batch), e.g. f = (p - 1)/(m + p - 1) for
@@ -51,7 +52,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from modelpar.planner import comm, compute, flops
+from modelpar.planner import comm, compute, flops, shared_host
 from modelpar.planner.constants import GRADIENT_BYTES, USABLE_MEMORY_FRACTION
 from modelpar.planner.memory import MemoryBreakdown, memory_per_device, stage_parameters
 from modelpar.planner.pipeline import bubble_fraction as simulated_bubble_fraction
@@ -176,12 +177,15 @@ def tensor_comm_per_layer(
     if t == 1:
         return 0.0, 0.0, 0.0
     link = comm.tensor_link(cluster, t)
-    activation = micro_batch_size * model.seq_length * model.hidden_size * compute.VALUE_BYTES
+    activation = micro_batch_size * model.seq_length * model.hidden_size * compute.value_bytes(cluster.device)
+    backward_extra = 0.0
     if sequence_parallel:
         one_pass = 2 * (comm.all_gather_time(activation, t, link) + comm.reduce_scatter_time(activation, t, link))
+        if cluster.host_cores is not None:  # CPU ranks: the weight-gradient re-gather hides behind nothing
+            backward_extra = 2 * comm.all_gather_time(activation, t, link)
     else:
         one_pass = 2 * comm.all_reduce_time(activation, t, link)
-    return one_pass, one_pass, one_pass if recompute == "full" else 0.0
+    return one_pass, one_pass + backward_extra, one_pass if recompute == "full" else 0.0
 
 
 @functools.lru_cache(maxsize=8192)
@@ -193,7 +197,7 @@ def p2p_per_transfer(
     if pipeline_parallel == 1:
         return 0.0
     t = tensor_parallel
-    activation = micro_batch_size * model.seq_length * model.hidden_size * compute.VALUE_BYTES
+    activation = micro_batch_size * model.seq_length * model.hidden_size * compute.value_bytes(cluster.device)
     seconds = comm.p2p_time(activation / t, comm.pipeline_link(cluster, t, pipeline_parallel))
     if t > 1 and not sequence_parallel:  # scatter/gather: rebuild the full activation on the receiver
         seconds += comm.all_gather_time(activation, t, comm.tensor_link(cluster, t))
@@ -265,10 +269,11 @@ def data_parallel_work(
     if d == 1:
         return 0.0, 0.0, optimizer_s
     link = comm.data_link(cluster, t, p, d)
-    gradient_bytes = GRADIENT_BYTES * parameters
+    value_bytes = cluster.device.value_bytes  # fp32 training reduces fp32 gradients
+    gradient_bytes = (value_bytes if value_bytes is not None else GRADIENT_BYTES) * parameters
     if zero_stage == 0:
         return comm.all_reduce_time(gradient_bytes, d, link), 0.0, optimizer_s
-    gather = comm.all_gather_time(compute.VALUE_BYTES * parameters, d, link)
+    gather = comm.all_gather_time(compute.value_bytes(cluster.device) * parameters, d, link)
     return comm.reduce_scatter_time(gradient_bytes, d, link), gather, optimizer_s
 
 
@@ -313,8 +318,13 @@ def step_time_parts(
     """(step seconds, the BREAKDOWN_KEYS values, bubble fraction) of a complete, valid plan.
 
     The search calls this for every candidate (with `simulate` False: closed-form bubbles); every
-    piece is cached on the few plan fields it depends on.
+    piece is cached on the few plan fields it depends on. A cluster of ranks sharing one host
+    (`ClusterSpec.shared_host`, a profiled CPU) is costed with what one rank achieves while
+    t p d ranks run at once; with more ranks than cores, compute and bubble come from a
+    processor-sharing simulation of the schedule (`planner.shared_host`), and no data-parallel
+    communication overlaps the backward: gloo's copies and reductions need the same cores.
     """
+    cluster = cluster.for_world_size(t * p * d)
     sp = sp and t > 1
     work = rank_work(model, cluster, t, p, b, sp, recompute)
     bubble_fraction = pipeline_profile(schedule, p, m, v, simulate)[0]
@@ -328,9 +338,20 @@ def step_time_parts(
         bubble_s = bubble_fraction / (1.0 - bubble_fraction) * m * mean_rank
     p2p_s = 2 * (v * m + p - 1) * p2p_per_transfer(model, cluster, b, t, p, sp) if p > 1 else 0.0
     reduce_s, gather_s, optimizer_s = data_parallel_work(model, cluster, t, p, d, zero_stage)
+    if cluster.shares_cores(t * p * d):  # more CPU ranks than cores: processor sharing
+        shared = shared_host.step_under_sharing(
+            model, cluster.device, t, p, d, v, b, m, sp, recompute, schedule,
+            tensor_comm_per_layer(model, cluster, b, t, sp, recompute), p2p_per_transfer(model, cluster, b, t, p, sp),
+            cluster.host_cores)
+        busiest = max(range(p), key=shared.compute_wall.__getitem__)
+        compute_s, tensor_comm_s = shared.compute_wall[busiest], shared.communication[busiest]
+        bubble_s = max(0.0, shared.makespan - compute_s - tensor_comm_s - p2p_s)
+        optimizer_s *= t * p * d / cluster.host_cores  # every rank steps at once
     dp_s, overlapped_s = data_parallel_exposure(
         reduce_s, gather_s, zero_stage, work, m, model.num_layers // p, recompute
     )
+    if cluster.host_cores is not None:  # CPU ranks: gloo copies and reduces on the cores that compute
+        dp_s, overlapped_s = dp_s + overlapped_s, 0.0
     step = compute_s + tensor_comm_s + bubble_s + p2p_s + dp_s + optimizer_s
     parts = (
         compute_s, m * work.recompute, m * work.edges[slowest], tensor_comm_s, bubble_s, p2p_s, dp_s, optimizer_s,
@@ -340,8 +361,9 @@ def step_time_parts(
 
 
 def _estimate(model: ModelSpec, cluster: ClusterSpec, plan: ParallelPlan) -> StepEstimate:
-    device = cluster.device
     t, p, d, v = plan.tensor_parallel, plan.pipeline_parallel, plan.data_parallel, plan.virtual_stages
+    cluster = cluster.for_world_size(t * p * d)
+    device = cluster.device
     b, m = plan.micro_batch_size, plan.num_micro_batches
     step, parts, bubble_fraction = step_time_parts(
         model, cluster, t, p, d, v, b, m, bool(plan.sequence_parallel), plan.recompute, plan.zero_stage, plan.schedule

@@ -4,16 +4,24 @@ Each forward collective's backward is its dual, and every function takes its ``g
 
     copy_to_tensor_region     identity   / all-reduce       (Megatron's f)
     reduce_from_tensor_region all-reduce / identity         (Megatron's g)
+    reduce_from_tensor_region_in_place   the same, reducing a fresh temporary in place
     scatter_last_dim          take chunk / all-gather       (split a replicated tensor's last dim)
     gather_last_dim           all-gather / take chunk
     all_gather_sequence       all-gather / reduce-scatter   along dim 1 (sequence parallel g)
     reduce_scatter_sequence   reduce-scatter / all-gather   along dim 1 (sequence parallel g-bar)
 
 On a group of size 1 every function is the identity. Outputs never alias inputs that autograd
-may still hold, at the price of a copy.
+may still hold, at the price of a copy, except `reduce_from_tensor_region_in_place`, which is for
+callers whose input is a fresh temporary (a row-parallel matmul's output) and saves that copy.
+
+The ``start_*`` helpers launch a collective with ``async_op=True`` and return a `PendingCollective`
+whose ``wait()`` gives the result, so that a backward pass can compute while the communication
+runs (Megatron-LM's overlap of the tensor-parallel collectives with the weight-gradient GEMM).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,15 +34,38 @@ def _size(group) -> int:
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    out = x.contiguous().clone()
+    out = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(out, group=group)
     return out
 
 
-def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+class PendingCollective:
+    """A launched collective: ``wait()`` blocks until it is done and returns its result."""
+
+    def __init__(self, work, finish: Callable[[], torch.Tensor]) -> None:
+        self._work, self._finish = work, finish
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        return self._finish()
+
+
+def start_all_reduce(x: torch.Tensor, group) -> PendingCollective:
+    """Sum ``x`` over the group IN PLACE, asynchronously (``x`` must be contiguous and owned by the
+    caller: it is the result once ``wait()`` returns)."""
+    return PendingCollective(dist.all_reduce(x, group=group, async_op=True), lambda: x)
+
+
+def start_all_gather(x: torch.Tensor, dim: int, group) -> PendingCollective:
+    """All ranks' ``x`` concatenated along ``dim`` in rank order, asynchronously."""
     parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    work = dist.all_gather(parts, x.contiguous(), group=group, async_op=True)
+    return PendingCollective(work, lambda: torch.cat(parts, dim=dim))
+
+
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return start_all_gather(x, dim, group).wait()
 
 
 def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -44,19 +75,25 @@ def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+def start_reduce_scatter(x: torch.Tensor, dim: int, group) -> PendingCollective:
+    """This rank's chunk along ``dim`` of the sum of every rank's ``x``, asynchronously."""
     world = _size(group)
     if x.shape[dim] % world:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split evenly over {world} ranks")
     chunks = [c.contiguous() for c in x.chunk(world, dim=dim)]
     out = torch.empty_like(chunks[0])
     try:
-        dist.reduce_scatter(out, chunks, group=group)
+        work = dist.reduce_scatter(out, chunks, group=group, async_op=True)
     except (RuntimeError, NotImplementedError) as error:  # older gloo builds lack reduce_scatter
         if "support" not in str(error).lower():
             raise
-        out = _chunk(_all_reduce(x, group), dim, group)
-    return out
+        reduced = _chunk(_all_reduce(x, group), dim, group)
+        return PendingCollective(None, lambda: reduced)
+    return PendingCollective(work, lambda: out)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return start_reduce_scatter(x, dim, group).wait()
 
 
 class _CopyToTensorRegion(torch.autograd.Function):
@@ -74,6 +111,18 @@ class _ReduceFromTensorRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ReduceFromTensorRegionInPlace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.mark_dirty(x)
+        dist.all_reduce(x, group=group)
+        return x
 
     @staticmethod
     def backward(ctx, grad):
@@ -132,6 +181,20 @@ def copy_to_tensor_region(x: torch.Tensor, group) -> torch.Tensor:
 def reduce_from_tensor_region(x: torch.Tensor, group) -> torch.Tensor:
     """g: all-reduce (sum) forward, identity backward. Leaves a row-parallel region."""
     return x if _size(group) == 1 else _ReduceFromTensorRegion.apply(x, group)
+
+
+def reduce_from_tensor_region_in_place(x: torch.Tensor, group) -> torch.Tensor:
+    """g on a fresh temporary: all-reduce (sum) ``x`` in place forward, identity backward.
+
+    Only for an ``x`` that nothing else reads afterwards and that its own autograd node did not
+    save (a matmul's or a masked fill's output): the reduction overwrites it, saving the clone of
+    `reduce_from_tensor_region`. ``x`` must be contiguous; otherwise the copying version is used.
+    """
+    if _size(group) == 1:
+        return x
+    if not x.is_contiguous():
+        return _ReduceFromTensorRegion.apply(x, group)
+    return _ReduceFromTensorRegionInPlace.apply(x, group)
 
 
 def scatter_last_dim(x: torch.Tensor, group) -> torch.Tensor:

@@ -17,7 +17,8 @@ schedule module states:
 
 Point-to-point, two modes (`p2p`, or the environment variable MODELPAR_P2P):
 
-- "tagged" (gloo's default): sends are non-blocking (`isend`, waited for at the end of the step)
+- "tagged" (gloo's default): sends are non-blocking (`isend`; an activation's send is waited for
+  at that micro-batch's backward, when it has surely arrived, the others at the end of the step)
   and the receive of the next action that needs one is posted ahead (`irecv`), so a rank only
   ever blocks on data it needs now. Messages carry a tag naming (direction, stage, micro-batch)
   and gloo matches on it, so the order in which two ranks post them does not matter. NCCL ignores
@@ -30,6 +31,10 @@ Point-to-point, two modes (`p2p`, or the environment variable MODELPAR_P2P):
   `p2p.check_exchange_programs` verifies at construction (correct by construction; a broken
   list raises PipelineDeadlock here instead of hanging a GPU). gloo's sends are rendezvous
   too, so running this mode on gloo exercises the same matching and deadlock-freedom.
+
+Once sent, a stage output's values are freed (`deallocate_output_data`, Megatron-LM's
+``deallocate_output_tensor``): only its autograd node is needed until the backward pass, so a
+stage holds one [b, s, h] tensor less per micro-batch in flight.
 
 Every action is timed: compute, receive waits and send launches are separate `TimelineEvent`s,
 for the predicted-vs-measured timeline. On CUDA the spans are CUDA events on the current stream
@@ -272,6 +277,18 @@ class _CudaClock:
 
 # --- interpreter ---------------------------------------------------------------------------------
 
+
+def deallocate_output_data(output: torch.Tensor) -> None:
+    """Free a sent stage output's values, keeping its autograd node (Megatron-LM's
+    ``deallocate_output_tensor``): the backward pass starts from the node with the received
+    gradient and never reads the output's values (an op that needs its own output saved a
+    reference of its own). The values are swapped for one element expanded to the output's
+    shape, so that `torch.autograd.backward` still sees matching shapes. The send keeps the
+    payload alive until it completes. Views are left alone (their base would stay anyway)."""
+    if output._base is None:
+        output.data = torch.empty(1, dtype=output.dtype, device=output.device).expand(output.shape)
+
+
 def resolve_p2p_mode(requested: str | None, backend: str) -> str:
     """The point-to-point mode: `requested`, else $MODELPAR_P2P, else "batched" on NCCL and
     "tagged" otherwise. "tagged" on NCCL is refused: NCCL ignores tags (module docstring)."""
@@ -323,6 +340,7 @@ class PipelineExecutor:
         self.timeline = timeline if timeline is not None else Timeline()
         if self.device.type == "cuda":
             self.timeline.use_cuda(self.device)
+        self._labels = [str(a) for a in self.actions]  # timeline labels, formatted once
         self._last_backward = {a.chunk: k for k, a in enumerate(self.actions) if a.kind == BACKWARD}
         self._check_actions()
         if topology.num_stages == 1 and len(self.chunks) > 1:
@@ -393,7 +411,16 @@ class PipelineExecutor:
         with self.timeline.span(label, "send"):
             work = dist.isend(payload, dst=self.topology.rank_of_stage(to_stage),
                               tag=self._tag(kind, to_stage, micro_batch))
-        self._pending_sends.append((work, payload))
+        self._pending_sends[(kind, to_stage, micro_batch)] = (work, payload)
+
+    def _finish_activation_send(self, stage: int, micro_batch: int) -> None:
+        """Tagged mode, at B(stage, micro-batch): the activation this stage sent for the micro-batch
+        has arrived (the received gradient was computed from it), so waiting for its send returns
+        at once and releases the payload now rather than at the end of the step (gloo reports a
+        send complete only through wait())."""
+        pending = self._pending_sends.pop((ACTIVATION, stage + 1, micro_batch), None)
+        if pending is not None:
+            pending[0].wait()
 
     def _tagged_receive(self, index: int, action: Action, receiving: list[int], posted: dict) -> torch.Tensor | None:
         """Keep the receives of the next two receiving actions (from this one on) posted; wait for this one's."""
@@ -404,7 +431,7 @@ class PipelineExecutor:
         if index not in posted:
             return None
         work, buffer = posted.pop(index)
-        with self.timeline.span(str(action), "recv"):
+        with self.timeline.span(self._labels[index], "recv"):
             work.wait()
         return buffer
 
@@ -438,7 +465,7 @@ class PipelineExecutor:
         if len(batches) != self.num_micro_batches:
             raise ValueError(f"expected {self.num_micro_batches} micro-batches, got {len(batches)}")
         self._dropout_keys = list(dropout_keys) if dropout_keys is not None else [None] * self.num_micro_batches
-        self._pending_sends: list = []
+        self._pending_sends: dict[tuple[str, int, int], tuple] = {}  # tagged: message key -> (work, payload)
         self._outbox: dict[tuple[str, int, int], torch.Tensor] = {}
         self._inbox: dict[tuple[str, int, int], torch.Tensor] = {}
         self._inputs: dict[tuple[int, int], torch.Tensor | None] = {}
@@ -457,14 +484,14 @@ class PipelineExecutor:
             else:
                 received = self._tagged_receive(index, action, receiving, posted)
             if action.kind == FORWARD:
-                loss = self._forward(action, batches[action.micro_batch], received)
+                loss = self._forward(index, action, batches[action.micro_batch], received)
                 if loss is not None:
                     loss_sum = loss if loss_sum is None else loss_sum + loss
             else:
                 self._backward(index, action, received)
         if self._program is None:
             with self.timeline.span("step", "send_wait"):
-                for work, _ in self._pending_sends:
+                for work, _ in self._pending_sends.values():
                     work.wait()
             self._pending_sends.clear()
         if self._outbox or self._inbox:
@@ -472,7 +499,7 @@ class PipelineExecutor:
                                f"(unsent {sorted(self._outbox)[:3]}, unused {sorted(self._inbox)[:3]})")
         return loss_sum
 
-    def _forward(self, action: Action, batch, received: torch.Tensor | None) -> torch.Tensor | None:
+    def _forward(self, index: int, action: Action, batch, received: torch.Tensor | None) -> torch.Tensor | None:
         chunk = self.chunks[action.chunk]
         key = (action.chunk, action.micro_batch)
         if chunk.is_first:
@@ -481,7 +508,8 @@ class PipelineExecutor:
         else:
             inputs = received.requires_grad_(True)
             self._inputs[key] = inputs
-        with self.timeline.span(str(action), "compute"):
+        label = self._labels[index]
+        with self.timeline.span(label, "compute"):
             output = chunk(inputs, batch.targets.to(self.device) if chunk.is_last else None,
                            self._dropout_keys[action.micro_batch])
             if chunk.is_last:
@@ -489,7 +517,8 @@ class PipelineExecutor:
         self._outputs[key] = output
         if chunk.is_last:
             return output.detach()
-        self._send(output, chunk.stage + 1, ACTIVATION, action.micro_batch, str(action))
+        self._send(output, chunk.stage + 1, ACTIVATION, action.micro_batch, label)
+        deallocate_output_data(output)
         return None
 
     def _backward(self, index: int, action: Action, received: torch.Tensor | None) -> None:
@@ -499,10 +528,13 @@ class PipelineExecutor:
             self.grad_reducers[action.chunk].set_sync(index == self._last_backward[action.chunk])
         output = self._outputs.pop(key)
         inputs = self._inputs.pop(key)
-        with self.timeline.span(str(action), "compute"):
+        label = self._labels[index]
+        with self.timeline.span(label, "compute"):
             if chunk.is_last:
                 output.backward()
             else:
                 torch.autograd.backward(output, grad_tensors=received.to(output.dtype))
+        if not chunk.is_last and self._program is None:
+            self._finish_activation_send(chunk.stage, action.micro_batch)
         if not chunk.is_first:
-            self._send(inputs.grad, chunk.stage - 1, GRADIENT, action.micro_batch, str(action))
+            self._send(inputs.grad, chunk.stage - 1, GRADIENT, action.micro_batch, label)

@@ -24,8 +24,9 @@ from torch import nn
 
 from modelpar.models.gpt import (AttentionCore, DropoutSite, Embedding, LMHead, MLP, SelfAttention, attention_inputs,
                                  keyed_dropout, merge_heads, mlp_activation)
-from modelpar.runtime.collectives import (SEQUENCE_DIM, _all_gather, _reduce_scatter, copy_to_tensor_region,
-                                          gather_last_dim, reduce_from_tensor_region, reduce_scatter_sequence)
+from modelpar.runtime.collectives import (SEQUENCE_DIM, _all_gather, gather_last_dim,
+                                          reduce_from_tensor_region_in_place, reduce_scatter_sequence,
+                                          start_all_gather, start_all_reduce, start_reduce_scatter)
 from modelpar.runtime.sequence_parallel import mark_module_sequence_parallel, mark_sequence_parallel, sequence_offset
 
 
@@ -63,12 +64,47 @@ def _slice(tensor: torch.Tensor, dim: int, indices: torch.Tensor) -> nn.Paramete
     return nn.Parameter(tensor.detach().index_select(dim, indices.to(tensor.device)).clone())
 
 
+def _weight_and_bias_grads(ctx, grad: torch.Tensor, inputs: torch.Tensor | None):
+    """dW = dY^T X and db = sum over tokens of dY, with tokens flattened ([.., out] x [.., in])."""
+    grad_rows = grad.reshape(-1, grad.shape[-1])
+    grad_weight = grad_bias = None
+    if ctx.needs_input_grad[1]:
+        grad_weight = grad_rows.t().mm(inputs.reshape(-1, inputs.shape[-1]))
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad_rows.sum(0)
+    return grad_weight, grad_bias
+
+
+class _ColumnParallelLinear(torch.autograd.Function):
+    """y = x W^T + b entered through f (identity forward, all-reduce of dX backward), with the
+    all-reduce of dX = dY W launched asynchronously and the weight and bias gradients computed
+    while it runs (Megatron-LM's async tensor-model-parallel all-reduce,
+    LinearWithGradAccumulationAndAsyncCommunication; Narayanan et al. 2021, Sec. 4.2). Saves what
+    F.linear saves: the input x (the weight is a parameter)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        pending = start_all_reduce(grad.matmul(weight), ctx.group) if ctx.needs_input_grad[0] else None
+        grad_weight, grad_bias = _weight_and_bias_grads(ctx, grad, x)
+        return (pending.wait() if pending is not None else None), grad_weight, grad_bias, None
+
+
 class _SequenceParallelLinear(torch.autograd.Function):
     """y = all_gather_sequence(x) W^T + b that saves only the sequence shard x [b, s/t, in] and
     all-gathers it again in the backward pass for the weight gradient (Korthikanti et al. 2022,
     Sec. 4.2.2; Megatron's LinearWithGradAccumulationAndAsyncCommunication): the gathered
     [b, s, in] input is not kept between forward and backward, so the stored activation is s b h / t.
-    The input gradient is reduce-scattered back to the shard (the dual of the all-gather)."""
+    The input gradient is reduce-scattered back to the shard (the dual of the all-gather).
+
+    Backward overlaps as Megatron does: the re-gather of x runs while dX = dY W is computed, and
+    the reduce-scatter of dX runs while dW and db are computed."""
 
     @staticmethod
     def forward(ctx, shard, weight, bias, group):
@@ -79,16 +115,12 @@ class _SequenceParallelLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         shard, weight = ctx.saved_tensors
-        grad_shard = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_shard = _reduce_scatter(grad.matmul(weight), SEQUENCE_DIM, ctx.group)
-        grad_rows = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1]:
-            gathered = _all_gather(shard, SEQUENCE_DIM, ctx.group)
-            grad_weight = grad_rows.t().mm(gathered.reshape(-1, gathered.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
-        return grad_shard, grad_weight, grad_bias, None
+        gathering = start_all_gather(shard, SEQUENCE_DIM, ctx.group) if ctx.needs_input_grad[1] else None
+        grad_full = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        gathered = gathering.wait() if gathering is not None else None
+        scattering = start_reduce_scatter(grad_full, SEQUENCE_DIM, ctx.group) if grad_full is not None else None
+        grad_weight, grad_bias = _weight_and_bias_grads(ctx, grad, gathered)
+        return (scattering.wait() if scattering is not None else None), grad_weight, grad_bias, None
 
 
 class ColumnParallelLinear(nn.Module):
@@ -122,10 +154,12 @@ class ColumnParallelLinear(nn.Module):
                    sequence_parallel, gather_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel and dist.get_world_size(self.group) > 1:
+        if dist.get_world_size(self.group) == 1:
+            y = F.linear(x, self.weight, self.bias)
+        elif self.sequence_parallel:
             y = _SequenceParallelLinear.apply(x, self.weight, self.bias, self.group)
         else:
-            y = F.linear(copy_to_tensor_region(x, self.group), self.weight, self.bias)
+            y = _ColumnParallelLinear.apply(x, self.weight, self.bias, self.group)
         return gather_last_dim(y, self.group) if self.gather_output else y
 
 
@@ -157,8 +191,11 @@ class RowParallelLinear(nn.Module):
                    ShardLayout(1, cols, linear.in_features), sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        y = reduce_scatter_sequence(y, self.group) if self.sequence_parallel else reduce_from_tensor_region(y, self.group)
+        y = F.linear(x, self.weight)  # a fresh temporary: reduced in place
+        if self.sequence_parallel:
+            y = reduce_scatter_sequence(y, self.group)
+        else:
+            y = reduce_from_tensor_region_in_place(y, self.group)
         return y + self.bias if self.bias is not None else y
 
 
@@ -186,7 +223,7 @@ class VocabParallelEmbedding(nn.Module):
         hidden = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return reduce_scatter_sequence(hidden, self.group)
-        return reduce_from_tensor_region(hidden, self.group)
+        return reduce_from_tensor_region_in_place(hidden, self.group)  # hidden: a fresh temporary
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

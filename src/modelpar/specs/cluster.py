@@ -7,7 +7,7 @@ For TPU pods a "node" is one pod: its chips talk over ICI, pods over the data-ce
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from modelpar.specs.errors import SpecError
 
@@ -21,16 +21,85 @@ class DeviceSpec:
     memory_gib: float = field(metadata={"doc": "Device memory, GiB."})
     memory_bandwidth_gb_per_s: float = field(metadata={"doc": "Device memory bandwidth, GB/s."})
     power_watts: float = field(default=400.0, metadata={"doc": "Board power under training load, W."})
+    # Measured properties (`modelpar profile`). None: the planner's global constant
+    # (`planner.constants`, fitted on GPUs) or its fused-kernel GPU model.
+    matmul_efficiency: float | None = field(
+        default=None, metadata={"doc": "Share of peak_tflops a large GEMM sustains (None: MATMUL_EFFICIENCY)."}
+    )
+    matmul_operand_bandwidth_gb_per_s: float | None = field(
+        default=None,
+        metadata={"doc": "Rate at which a GEMM reads/packs its operands, GB/s (CPU BLAS packing; "
+                         "None: memory bandwidth x MEMORY_BANDWIDTH_EFFICIENCY)."},
+    )
+    memory_bandwidth_efficiency: float | None = field(
+        default=None, metadata={"doc": "Share of memory_bandwidth_gb_per_s elementwise kernels reach "
+                                       "(None: MEMORY_BANDWIDTH_EFFICIENCY)."}
+    )
+    kernel_overhead_us: float | None = field(
+        default=None, metadata={"doc": "Fixed cost of each kernel / eager op, us (None: KERNEL_OVERHEAD_S)."}
+    )
+    attention_kernel: str | None = field(
+        default=None,
+        metadata={"doc": "'fused' (FlashAttention, the default) or 'explicit' (scores and probabilities "
+                         "written to memory, as the eager CPU runtime does)."},
+    )
+    dropout_ns_per_element: float | None = field(
+        default=None, metadata={"doc": "Time to draw and apply a dropout mask and back-propagate through it, "
+                                       "ns per element (None: a 1-byte mask fused into its kernel)."}
+    )
+    optimizer_ns_per_parameter: float | None = field(
+        default=None, metadata={"doc": "Time of one AdamW step, ns per local parameter (None: "
+                                       "ADAM_BYTES_PER_PARAMETER at memory bandwidth)."}
+    )
+    value_bytes: int | None = field(
+        default=None, metadata={"doc": "Bytes per activation/weight/gradient value of the precision this "
+                                       "device trains in (None: 2, 16-bit mixed precision; 4: fp32)."}
+    )
 
     def __post_init__(self) -> None:
         for key in ("peak_tflops", "memory_gib", "memory_bandwidth_gb_per_s", "power_watts"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise SpecError(f"device '{self.name}': {key} must be a positive number, got {value!r}")
+        for key in ("matmul_efficiency", "matmul_operand_bandwidth_gb_per_s", "memory_bandwidth_efficiency",
+                    "kernel_overhead_us", "dropout_ns_per_element", "optimizer_ns_per_parameter"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise SpecError(f"device '{self.name}': {key} must be a non-negative number or null, got {value!r}")
+        for key in ("matmul_efficiency", "memory_bandwidth_efficiency", "matmul_operand_bandwidth_gb_per_s"):
+            if getattr(self, key) == 0:
+                raise SpecError(f"device '{self.name}': {key} must be positive, got 0")
+        if self.attention_kernel not in (None, "fused", "explicit"):
+            raise SpecError(f"device '{self.name}': attention_kernel must be 'fused' or 'explicit', "
+                            f"got {self.attention_kernel!r}")
+        if self.value_bytes not in (None, 2, 4):
+            raise SpecError(f"device '{self.name}': value_bytes must be 2 or 4, got {self.value_bytes!r}")
 
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * 2**30)
+
+
+@dataclass(frozen=True)
+class SharedHostProfile:
+    """What one rank achieves while `ranks` ranks run at once on one host (CPU ranks sharing its
+    cores, measured by `modelpar profile`): its device (compute, memory, per-op overhead) and its
+    link (alpha-beta fit of collectives among those ranks)."""
+
+    ranks: int = field(metadata={"doc": "Ranks running at once on the host."})
+    device: DeviceSpec = field(metadata={"doc": "One rank's device while `ranks` ranks run."})
+    bandwidth_gb_per_s: float = field(metadata={"doc": "Per-rank collective bandwidth, GB/s (measured)."})
+    latency_us: float = field(metadata={"doc": "Per-message (per ring step) latency, us (measured)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks <= 0:
+            raise SpecError(f"shared_host: ranks must be a positive integer, got {self.ranks!r}")
+        if isinstance(self.bandwidth_gb_per_s, bool) or not isinstance(self.bandwidth_gb_per_s, (int, float)) \
+                or self.bandwidth_gb_per_s <= 0:
+            raise SpecError(f"shared_host ranks={self.ranks}: bandwidth_gb_per_s must be positive, "
+                            f"got {self.bandwidth_gb_per_s!r}")
+        if isinstance(self.latency_us, bool) or not isinstance(self.latency_us, (int, float)) or self.latency_us < 0:
+            raise SpecError(f"shared_host ranks={self.ranks}: latency_us must be non-negative, got {self.latency_us!r}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +120,20 @@ class ClusterSpec:
     num_devices: int | None = field(
         default=None, metadata={"doc": "Devices available; None means as many as asked for."}
     )
+    network_efficiency: float | None = field(
+        default=None, metadata={"doc": "Share of the nominal bandwidths collectives achieve (None: "
+                                       "NETWORK_EFFICIENCY; 1 for measured bandwidths)."}
+    )
+    shared_host: tuple[SharedHostProfile, ...] = field(
+        default=(),
+        metadata={"doc": "Ranks that share one host's cores (`modelpar profile`): the device and links one "
+                         "rank sees while k ranks run at once, for each profiled k; `for_world_size` picks one."},
+    )
+    host_cores: int | None = field(
+        default=None,
+        metadata={"doc": "Cores the ranks of a shared host time-share (`modelpar profile`); plans with more "
+                         "ranks are costed by processor sharing (`planner.shared_host`)."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.devices_per_node, bool) or not isinstance(self.devices_per_node, int) or self.devices_per_node <= 0:
@@ -65,6 +148,48 @@ class ClusterSpec:
                 raise SpecError(f"cluster '{self.name}': {key} must be a non-negative number, got {value!r}")
         if self.num_devices is not None and (not isinstance(self.num_devices, int) or self.num_devices <= 0):
             raise SpecError(f"cluster '{self.name}': num_devices must be a positive integer, got {self.num_devices!r}")
+        if self.network_efficiency is not None and (
+            isinstance(self.network_efficiency, bool) or not isinstance(self.network_efficiency, (int, float))
+            or self.network_efficiency <= 0
+        ):
+            raise SpecError(f"cluster '{self.name}': network_efficiency must be a positive number or null, "
+                            f"got {self.network_efficiency!r}")
+        ranks = [profile.ranks for profile in self.shared_host]
+        if len(set(ranks)) != len(ranks):
+            raise SpecError(f"cluster '{self.name}': shared_host lists ranks {ranks}; each count at most once")
+        if self.host_cores is not None and (isinstance(self.host_cores, bool) or not isinstance(self.host_cores, int)
+                                            or self.host_cores <= 0):
+            raise SpecError(f"cluster '{self.name}': host_cores must be a positive integer or null, "
+                            f"got {self.host_cores!r}")
+
+    def for_world_size(self, num_devices: int) -> "ClusterSpec":
+        """The cluster as a plan of `num_devices` ranks sees it.
+
+        Without `shared_host` profiles: unchanged. With them (ranks sharing one host's cores): the
+        link (collective bandwidth and latency) of the smallest profiled k >= num_devices (the
+        largest k when none is) in place of the intra-node one, every group inside the host; and
+        the device of that profile, except with more ranks than `host_cores`: then the device of
+        the largest profiled k <= host_cores (one rank per core, no sharing), and the cost model
+        shares the cores itself (`planner.shared_host`). Without such a profile, the measured
+        oversubscribed device is used and `host_cores` dropped.
+        """
+        if not self.shared_host:
+            return self
+        profiles = sorted(self.shared_host, key=lambda profile: profile.ranks)
+        chosen = next((profile for profile in profiles if profile.ranks >= num_devices), profiles[-1])
+        device, host_cores = chosen.device, self.host_cores
+        if host_cores is not None and num_devices > host_cores:
+            unshared = [profile for profile in profiles if profile.ranks <= host_cores]
+            device, host_cores = (unshared[-1].device, host_cores) if unshared else (chosen.device, None)
+        return replace(
+            self, device=device, intra_node_bandwidth_gb_per_s=chosen.bandwidth_gb_per_s,
+            intra_node_latency_us=chosen.latency_us, devices_per_node=max(self.devices_per_node, num_devices),
+            shared_host=(), host_cores=host_cores,
+        )
+
+    def shares_cores(self, num_devices: int) -> bool:
+        """True when `num_devices` ranks outnumber the cores of a shared host (after `for_world_size`)."""
+        return self.host_cores is not None and not self.shared_host and num_devices > self.host_cores
 
 
 # --- devices -----------------------------------------------------------------------------------

@@ -62,6 +62,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         raise SpecError(f"{where}: expected {_type_name(hint)}, got {value!r}")
     if is_dataclass(hint):
         return from_dict(hint, value, where)
+    if origin is tuple:  # tuple[X, ...]: a JSON list of X
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"{where}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(item, element, f"{where}[{index}]") for index, element in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
             raise SpecError(f"{where}: expected true or false, got {value!r}")

@@ -1,0 +1,155 @@
+"""Ranks that time-share a host's cores: a processor-sharing simulation of one pipeline step.
+
+On a profiled CPU host (`modelpar profile`, `ClusterSpec.host_cores`) a plan may run more ranks
+than there are cores: `modelpar train` starts N single-threaded processes on C < N cores, and the
+operating system shares the cores among the ranks that are computing at that moment (ranks
+waiting for a message or a collective sleep and use no core). Model: processor sharing
+(Kleinrock 1967), each rank one thread:
+
+    rate of every computing rank = min(1, C / (computing ranks))
+
+So while the pipeline is full every rank computes at C / N of its solo speed, but in the fill
+and drain of a schedule, where few ranks have work, those few run at full speed: the bubble
+shrinks, and a 1F1B step is close to max(total work / C, critical path), not N / C times the
+unshared step. Non-pipelined plans (p = 1) have every rank computing at once: N / C times slower.
+
+The simulation runs the schedule's real action lists (`runtime.schedules.build_schedule`) of
+one pipeline; the t x d ranks of the same pipeline rank (tensor-parallel peers, data-parallel
+replicas) run in lockstep, so a computing pipeline rank counts as t d computing ranks. An action
+is its CPU work (solo seconds, shared) followed by its communication (tensor-parallel
+collectives: seconds, not shared: a rank waiting for a message uses no core); a dependency on
+another pipeline rank adds `p2p_s`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from modelpar.planner import compute
+from modelpar.runtime.schedules import BACKWARD, FORWARD, Action, build_schedule, global_stage
+from modelpar.specs.cluster import DeviceSpec
+from modelpar.specs.model import ModelSpec
+
+WorkFn = Callable[[int, Action], float]
+
+
+@dataclass(frozen=True)
+class SharedStep:
+    """One step under processor sharing: its makespan and, per pipeline rank, the wall-clock
+    seconds spent computing (CPU work stretched by sharing) and communicating."""
+
+    makespan: float
+    compute_wall: tuple[float, ...]
+    communication: tuple[float, ...]
+
+
+def simulate_shared(actions: Sequence[Sequence[Action]], work: WorkFn, communication: WorkFn, p2p_s: float,
+                    ranks_per_pipeline_rank: int, cores: int) -> SharedStep:
+    """Processor-sharing simulation of one step (module docstring).
+
+    `actions[r]`: pipeline rank r's actions in order; `work(r, action)`: its solo CPU seconds;
+    `communication(r, action)`: seconds of collectives after it; `ranks_per_pipeline_rank`: t x d;
+    `cores`: C. Raises RuntimeError when the action lists cannot progress (an invalid schedule).
+    """
+    p = len(actions)
+    total_stages = p * (1 + max((a.chunk for rank in actions for a in rank), default=0))
+    done: dict[tuple[str, int, int], float] = {}  # (kind, global stage, micro-batch) -> finish time
+    position = [0] * p
+    phase: list[str | None] = [None] * p  # None (idle), "cpu", "comm"
+    remaining = [0.0] * p  # cpu: solo seconds left; comm: end time
+    compute_wall = [0.0] * p
+    comm_total = [0.0] * p
+    now = 0.0
+
+    def ready_at(rank: int) -> float | None:
+        """When rank's next action may start (None: a dependency has not finished)."""
+        action = actions[rank][position[rank]]
+        stage = global_stage(rank, action.chunk, p)
+        needs = []
+        if action.kind == FORWARD and stage > 0:
+            needs.append((FORWARD, stage - 1, action.micro_batch, True))
+        if action.kind == BACKWARD:
+            needs.append((FORWARD, stage, action.micro_batch, False))
+            if stage < total_stages - 1:
+                needs.append((BACKWARD, stage + 1, action.micro_batch, True))
+        start = now
+        for kind, needed_stage, micro_batch, remote in needs:
+            finished = done.get((kind, needed_stage, micro_batch))
+            if finished is None:
+                return None
+            start = max(start, finished + (p2p_s if remote and p > 1 else 0.0))
+        return start
+
+    while True:
+        upcoming = []
+        for rank in range(p):
+            if phase[rank] is None and position[rank] < len(actions[rank]):
+                start = ready_at(rank)
+                if start is not None and start <= now:
+                    phase[rank], remaining[rank] = "cpu", work(rank, actions[rank][position[rank]])
+                elif start is not None:
+                    upcoming.append(start)
+        computing = [rank for rank in range(p) if phase[rank] == "cpu"]
+        rate = min(1.0, cores / (len(computing) * ranks_per_pipeline_rank)) if computing else 1.0
+        events = [now + remaining[rank] / rate for rank in computing]
+        events += [remaining[rank] for rank in range(p) if phase[rank] == "comm"]
+        events += upcoming
+        if not events:
+            if all(position[rank] == len(actions[rank]) for rank in range(p)):
+                return SharedStep(now, tuple(compute_wall), tuple(comm_total))
+            stuck = [rank for rank in range(p) if position[rank] < len(actions[rank])]
+            raise RuntimeError(f"processor-sharing simulation: pipeline ranks {stuck} cannot progress")
+        later = min(events)
+        tolerance = 1e-12 * max(1.0, later)
+        finishing = {rank for rank in computing if now + remaining[rank] / rate <= later + tolerance}
+        finishing |= {rank for rank in range(p) if phase[rank] == "comm" and remaining[rank] <= later + tolerance}
+        for rank in computing:
+            compute_wall[rank] += later - now
+            remaining[rank] -= (later - now) * rate
+        now = later
+        for rank in sorted(finishing):
+            action = actions[rank][position[rank]]
+            if phase[rank] == "cpu":
+                seconds = communication(rank, action)
+                if seconds > 0:
+                    phase[rank], remaining[rank] = "comm", now + seconds
+                    comm_total[rank] += seconds
+                    continue
+            done[(action.kind, global_stage(rank, action.chunk, p), action.micro_batch)] = now
+            position[rank] += 1
+            phase[rank] = None
+
+
+@functools.lru_cache(maxsize=4096)
+def step_under_sharing(model: ModelSpec, device: DeviceSpec, t: int, p: int, d: int, v: int, b: int, m: int,
+                       sp: bool, recompute: str, schedule: str, tensor_comm: tuple[float, float, float],
+                       p2p_s: float, cores: int) -> SharedStep:
+    """Processor-sharing step of a complete plan: per action, the cost model's solo compute on
+    `device` (`compute.layer_compute` x layers of the chunk, + the embedding on global stage 0 and
+    the head on the last) and its tensor-parallel collectives (`tensor_comm`: per layer forward,
+    backward, recomputation seconds, `cost.tensor_comm_per_layer`)."""
+    layer = compute.layer_compute(model, device, b, t, sp, recompute)
+    embed_fwd, embed_bwd = compute.embedding_compute(model, device, b, t, sp)
+    head_fwd, head_bwd = compute.head_compute(model, device, b, t, sp)
+    layers = model.num_layers // (p * v)
+    last = p * v - 1
+
+    def work(rank: int, action: Action) -> float:
+        stage = global_stage(rank, action.chunk, p)
+        if action.kind == FORWARD:
+            seconds = layers * layer.forward_s
+            return seconds + (embed_fwd if stage == 0 else 0.0) + (head_fwd if stage == last else 0.0)
+        seconds = layers * (layer.backward_s + layer.recompute_s)
+        return seconds + (embed_bwd if stage == 0 else 0.0) + (head_bwd if stage == last else 0.0)
+
+    def communication(rank: int, action: Action) -> float:
+        forward, backward, recomputed = tensor_comm
+        return layers * (forward if action.kind == FORWARD else backward + recomputed)
+
+    actions = build_schedule(schedule, p, m, v)
+    return simulate_shared(actions, work, communication, p2p_s, t * d, cores)
+
+
+__all__ = ["SharedStep", "simulate_shared", "step_under_sharing"]

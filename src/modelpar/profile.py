@@ -1,0 +1,690 @@
+"""`modelpar profile`: measure this machine as a cluster spec, so the planner can predict it.
+
+The cost model (`planner.compute`, `planner.comm`) was built for GPUs running fused kernels and
+its global constants were fitted on them. A CPU running this project's eager PyTorch runtime over
+gloo is another device: each eager op costs microseconds, small GEMMs run far from peak,
+dropout is a keyed hash over every element, and gloo collectives take milliseconds. So rather
+than reuse the GPU constants, this command measures them as properties of the device and stores
+them in the ClusterSpec (`DeviceSpec` / `ClusterSpec` optional fields); the cost model uses a
+measured value whenever the spec carries one.
+
+Ranks share the host. `modelpar train` spawns one process per rank on this machine, each with
+`torch.set_num_threads(cores // ranks)` (at least 1; `runtime.launch`). With more ranks than
+cores they time-share the cores. So the profile measures, for each k in `--ranks` (default 1, 2,
+4, 8), what ONE rank achieves while k ranks run the same benchmark at once, spawned exactly as
+the runtime spawns them (same launcher, same thread count). Each k gives a `SharedHostProfile`
+(a device and a link). A plan of N ranks takes the link of the smallest profiled k >= N; its
+device is that profile's while N <= cores, and with more ranks than cores the device of one rank
+per core, the cost model then sharing the cores among the ranks that compute at each moment
+(processor sharing, `planner.shared_host`: in a pipeline's fill and drain few ranks compute, and
+they run at full speed). The k > cores devices stay in the file as a check: their rates are
+about cores / k of the unshared ones, what processor sharing assumes.
+
+Measured per k (median over ranks of the median of several timed windows; a window runs an
+operation repeatedly for a fixed time, so time slices of an oversubscribed host average out):
+
+- GEMMs as training runs them (in `--dtype`, fp32 by default): linear layers of
+  transformer-like shapes and attention-like batched products, forward and backward (three
+  products each, two with a transposed operand), fitted by non-negative least squares on
+  relative error to the cost model's form summed over the three products,
+  t = sum 2 m n k / R + sum B (m k + k n + m n) / W_op + 3 c  (B bytes per value)
+  -> `peak_tflops` = R (so `matmul_efficiency` = 1) and `matmul_operand_bandwidth_gb_per_s` = W_op;
+- memory-bound kernels: on a CPU these are bound by their arithmetic (erf, exp, reductions,
+  eager dispatch), not by DRAM, so a streaming copy would overstate them several-fold. First
+  estimate: a block of layer norm, GELU and softmax (forward and backward) over a few sizes,
+  fitted to (values the cost model counts for it x bytes) / W + c. Then the calibration that is
+  used: the runtime's own TransformerLayer, forward and backward, for a few reference shapes
+  (`REFERENCE_LAYERS`: not the models one trains), and W chosen so that `compute.layer_compute`
+  with the measured GEMM rates and per-op overhead reproduces them (`fit_layer_bandwidth`; not
+  with --fast, which keeps the block's figure) ->
+  `memory_bandwidth_gb_per_s` = W, the effective rate of the memory-bound kernels of the cost
+  model's accounting (`memory_bandwidth_efficiency` = 1), as MEMORY_BANDWIDTH_EFFICIENCY is for
+  GPUs;
+- per-op overhead: a chain of tiny ops with autograd, forward and backward -> `kernel_overhead_us`;
+- the runtime's keyed dropout (`models.gpt.keyed_dropout`): the reference layers run again with
+  dropout 0.1; the extra time over the values dropped (probabilities and two residual branches)
+  -> `dropout_ns_per_element` (with --fast: the dropouts of a layer timed alone, one rank at a
+  time while the others multiply matrices; alone they cost about a third more than inside a
+  layer, kept in the raw data as `dropout_benchmark_ns_per_element`);
+- the runtime's AdamW step (`runtime.zero.AdamW`) -> `optimizer_ns_per_parameter`;
+- collectives among the k ranks (gloo), timed on the rank that arrives last (`_time_collective`):
+  all-reduce and all-gather of several sizes, fitted
+  jointly to the alpha-beta ring formulas of `planner.comm` (all-reduce 2 (k-1)/k S/W +
+  2 (k-1) a, all-gather (k-1)/k S/W + (k-1) a) -> link bandwidth W and latency a, used for
+  every group and for pipeline sends. (A point-to-point send is timed too and reported in the
+  raw data: with k > cores, a lone pair of ranks is faster than a ring step among k busy ranks.)
+
+Not measured: power (a nominal CPU package power shared by the ranks) and memory capacity
+(the host's RAM shared by the ranks). The result is written as plain ClusterSpec JSON to the
+cache (`specs.local`) and read back by `--cluster local`.
+
+GPUs: when the machine has a GPU for each of the largest rank count asked for (`--ranks 1` on a
+one-GPU machine), the same measurements run on the GPUs over NCCL (`runtime.launch.choose_backend`,
+CUDA-synchronised windows), the device memory is the GPU's and the ranks share no cores.
+`--dtype bf16` measures 16-bit kernels and traffic, as `modelpar train --dtype bf16` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+from modelpar.specs import ClusterSpec, DeviceSpec, ModelSpec, SpecError
+from modelpar.specs.cluster import SharedHostProfile
+
+DEFAULT_RANKS = (1, 2, 4, 8)
+VALUE_BYTES = {"fp32": 4, "bf16": 2}
+BUSY_LOAD_PER_CORE = 0.5
+"""A 1-minute load average above this many runnable processes per core before profiling means
+other work is running: the command warns that the figures will be pessimistic."""
+HOST_POWER_WATTS = 65.0
+"""Not measured: a nominal desktop/server CPU package power, shared equally by the ranks (used
+only for the energy column)."""
+
+# (tokens, in, out): linear layers of small transformers; timed forward + backward (3 GEMMs).
+LINEAR_SHAPES = (
+    (128, 128, 128), (256, 256, 256), (256, 256, 768), (256, 256, 1024), (256, 1024, 256), (512, 512, 512),
+    (1024, 256, 256), (256, 128, 512), (512, 1024, 256),
+)
+FAST_LINEAR_SHAPES = ((32, 32, 32), (64, 64, 64), (64, 128, 64))
+# (batch, s, d): attention-like batched products S = A B with A [batch, s, d], B [batch, d, s].
+BATCHED_SHAPES = ((16, 128, 32), (16, 128, 64), (8, 256, 32))
+FAST_BATCHED_SHAPES = ((4, 32, 16),)
+ELEMENTWISE_SIZES = (2**16, 2**18, 2**20)
+FAST_ELEMENTWISE_SIZES = (2**14, 2**16)
+ELEMENTWISE_VALUES_MOVED = 17
+"""Values per element that the cost model counts for the elementwise benchmark block: layer
+norm (forward reads and writes: 2, backward 4), GELU (2 + 4), softmax (2 + 3, `compute.py`)."""
+ROW = 128  # width of the softmax and layer-norm rows of the elementwise block
+# Reference layers (not the models one trains): (hidden, heads, MLP width, sequence, micro-batch).
+REFERENCE_LAYERS = ((384, 6, 1536, 64, 2), (128, 4, 512, 256, 1), (192, 6, 768, 96, 3))
+DROPOUT_SHAPES = ((2, 8, 128, 128), (2, 128, 256), (2, 128, 256))
+"""The dropouts of one layer of a small model (`gpt-small-cpu`, b = 2): attention probabilities
+[b, a, s, s] and the two residual branches [b, s, h]; the per-element cost grows with the size
+(int64 hash temporaries leave the caches), so the benchmark uses a layer's mix."""
+FAST_DROPOUT_SHAPES = ((1, 2, 32, 32), (1, 32, 64), (1, 32, 64))
+COLLECTIVE_BYTES = (2**12, 2**16, 2**18, 2**20, 2**22)
+LATE_ARRIVAL_S = 0.002
+FAST_COLLECTIVE_BYTES = (2**10, 2**14)
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """What to measure and how long. `fast`: tiny sizes and short windows (tests, a quick look)."""
+
+    ranks: tuple[int, ...] = DEFAULT_RANKS
+    fast: bool = False
+    dtype: str = "fp32"
+
+    @property
+    def window_s(self) -> float:
+        """Length of one timed window: several scheduler time slices."""
+        return 0.01 if self.fast else 0.06
+
+    @property
+    def windows(self) -> int:
+        return 3 if self.fast else 5
+
+    @property
+    def collective_repeats(self) -> int:
+        return 3 if self.fast else 9
+
+
+# --- fitting (pure) ---------------------------------------------------------------------------------
+
+
+def _nonnegative_relative_fit(rows: list[list[float]], times: list[float]) -> list[float]:
+    """x >= 0 minimising sum_i ((rows_i . x) / times_i - 1)^2 (least squares on relative error)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    matrix = np.array(rows, dtype=float) / np.array(times, dtype=float)[:, None]
+    solution, _ = nnls(matrix, np.ones(len(times)))
+    return [float(value) for value in solution]
+
+
+def gemm_terms(m: float, n: float, k: float, batch: float = 1.0, value_bytes: int = 4) -> tuple[float, float]:
+    """(FLOPs, operand bytes) of `batch` products (m x k) @ (k x n) (`compute.gemm_time`)."""
+    return 2.0 * m * n * k * batch, value_bytes * batch * (m * k + k * n + m * n)
+
+
+def forward_backward_terms(m: float, n: float, k: float, batch: float = 1.0,
+                           value_bytes: int = 4) -> tuple[float, float, int]:
+    """(FLOPs, operand bytes, GEMM calls) of Y = X W with X (m x k), W (k x n), forward and
+    backward (dX = dY W^T, dW = X^T dY): `compute.gemm_with_backward_time`'s three products."""
+    products = [gemm_terms(m, n, k, batch, value_bytes), gemm_terms(m, k, n, batch, value_bytes),
+                gemm_terms(k, n, m, batch, value_bytes)]
+    return sum(p[0] for p in products), sum(p[1] for p in products), len(products)
+
+
+def fit_gemm(samples: list[tuple[float, float, int, float]]) -> tuple[float, float, float]:
+    """(FLOP/s R, operand bytes/s W_op, seconds per call c) from samples (FLOPs, operand bytes,
+    GEMM calls, seconds): the fit of t = FLOPs / R + bytes / W_op + calls c (module docstring).
+    The cost model charges its own per-op overhead instead of c."""
+    times = [sample[3] for sample in samples]
+    rows = [[flops, num_bytes, float(calls)] for flops, num_bytes, calls, _ in samples]
+    inverse_rate, inverse_bandwidth, intercept = _nonnegative_relative_fit(rows, times)
+    if inverse_rate <= 0:  # noisy timings (a busy host): drop the operand term
+        inverse_bandwidth = 0.0
+        inverse_rate, intercept = _nonnegative_relative_fit([[row[0], row[2]] for row in rows], times)
+    if inverse_rate <= 0:
+        raise SpecError("profile: the GEMM timings do not grow with their FLOPs; re-run `modelpar profile` "
+                        "on a quieter machine")
+    rate = 1.0 / inverse_rate
+    # An operand term the fit drops (0) means packing is free next to the arithmetic: use a rate
+    # that makes it negligible rather than infinite.
+    bandwidth = 1.0 / inverse_bandwidth if inverse_bandwidth > 0 else 1e6 * rate
+    return rate, bandwidth, intercept
+
+
+def fit_bandwidth(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """(bytes/s W, seconds per call c) from samples (bytes moved, seconds): the fit of t = bytes / W + c."""
+    times = [seconds for _, seconds in samples]
+    inverse, intercept = _nonnegative_relative_fit([[num_bytes, 1.0] for num_bytes, _ in samples], times)
+    if inverse <= 0:  # noisy timings (a busy host): no intercept
+        (inverse,), intercept = _nonnegative_relative_fit([[num_bytes] for num_bytes, _ in samples], times), 0.0
+    if inverse <= 0:
+        raise SpecError("profile: elementwise timings do not grow with size; re-run `modelpar profile`")
+    return 1.0 / inverse, intercept
+
+
+def fit_layer_bandwidth(device: DeviceSpec, layer_seconds: list[float]) -> float | None:
+    """Effective bytes/s of the memory-bound kernels that make `compute.layer_compute` match the
+    measured reference layers, with the device's measured GEMM rates and per-op overhead; None
+    when the layers take less time than their GEMMs alone (noise), or no bandwidth fits.
+
+    The cost model's layer time is linear in 1 / W: t(W) = A + B / W (A: GEMMs and per-op
+    overheads, B: the bytes its elementwise kernels move), so A and B come from two evaluations
+    and 1 / W from least squares on relative error, sum ((A_i + B_i x) / T_i - 1)^2."""
+    from modelpar.planner import compute
+
+    numerator = denominator = 0.0
+    for (hidden, heads, mlp, seq, batch), measured in zip(REFERENCE_LAYERS, layer_seconds):
+        spec = reference_layer_spec(hidden, heads, mlp, seq)
+        times = []
+        for bandwidth in (device.memory_bandwidth_gb_per_s, 2 * device.memory_bandwidth_gb_per_s):
+            layer = compute.layer_compute(spec, replace(device, memory_bandwidth_gb_per_s=bandwidth), batch, 1, False,
+                                          "none")
+            times.append(layer.forward_s + layer.backward_s)
+        inverse = 1.0 / (device.memory_bandwidth_gb_per_s * 1e9)
+        bytes_moved = (times[0] - times[1]) / (inverse - inverse / 2)
+        fixed = times[0] - bytes_moved * inverse
+        numerator += bytes_moved / measured * (1.0 - fixed / measured)
+        denominator += (bytes_moved / measured) ** 2
+    if denominator <= 0 or numerator <= 0:
+        return None
+    return denominator / numerator
+
+
+COLLECTIVE_TERMS = {
+    # (coefficient of S / W, coefficient of a) for n ranks: `planner.comm`'s ring formulas.
+    "all_reduce": lambda n: (2.0 * (n - 1) / n, 2.0 * (n - 1)),
+    "all_gather": lambda n: ((n - 1) / n, float(n - 1)),
+    "p2p": lambda n: (1.0, 1.0),
+}
+
+
+def fit_link(samples: list[tuple[str, int, float, float]]) -> tuple[float, float]:
+    """(bytes/s, seconds per message) from samples (collective, ranks, bytes, seconds), fitted
+    jointly to `COLLECTIVE_TERMS`."""
+    rows, times = [], []
+    for name, ranks, num_bytes, seconds in samples:
+        bandwidth_term, latency_term = COLLECTIVE_TERMS[name](ranks)
+        rows.append([bandwidth_term * num_bytes, latency_term])
+        times.append(seconds)
+    inverse_bandwidth, latency = _nonnegative_relative_fit(rows, times)
+    bandwidth = 1.0 / inverse_bandwidth if inverse_bandwidth > 0 else 1e12
+    return bandwidth, latency
+
+
+# --- measuring (inside a spawned rank) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """Where a rank measures: its torch device and dtype, and how to wait for queued kernels."""
+
+    options: ProfileOptions
+    device: object  # torch.device
+    dtype: object  # torch.dtype
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def tensor(self, *shape, grad: bool = False, fill: float | None = None):
+        import torch
+
+        values = (torch.randn(*shape, device=self.device, dtype=self.dtype) if fill is None
+                  else torch.full(shape, fill, device=self.device, dtype=self.dtype))
+        return values.requires_grad_(grad)
+
+    def seconds_per_call(self, fn) -> float:
+        """Median over the windows of (window length / calls in it); one warm-up call."""
+        fn()
+        self.synchronize()
+        results = []
+        for _ in range(self.options.windows):
+            calls, start = 0, time.perf_counter()
+            while True:
+                fn()
+                calls += 1
+                if time.perf_counter() - start >= self.options.window_s:
+                    break
+            self.synchronize()
+            results.append((time.perf_counter() - start) / calls)
+        return statistics.median(results)
+
+
+def _op_overhead(bench: _Bench) -> float:
+    """Seconds per eager op with autograd: a chain of tiny multiplies, forward and backward."""
+    length = 32
+    leaf = bench.tensor(4, grad=True)
+
+    def chain():
+        value = leaf
+        for _ in range(length):
+            value = value * 1.0001
+        value.sum().backward()
+
+    return bench.seconds_per_call(chain) / (2 * length + 2)
+
+
+def _measure_gemms(bench: _Bench, value_bytes: int) -> list[tuple[float, float, int, float]]:
+    import torch.nn.functional as F
+
+    fast = bench.options.fast
+    samples = []
+    for tokens, width_in, width_out in (FAST_LINEAR_SHAPES if fast else LINEAR_SHAPES):
+        x, grad = bench.tensor(tokens, width_in, grad=True), bench.tensor(tokens, width_out)
+        weight, bias = bench.tensor(width_out, width_in, grad=True), bench.tensor(width_out, grad=True, fill=0.0)
+        seconds = bench.seconds_per_call(lambda: F.linear(x, weight, bias).backward(grad))
+        samples.append((*forward_backward_terms(tokens, width_out, width_in, 1, value_bytes), seconds))
+    for batch, seq, width in (FAST_BATCHED_SHAPES if fast else BATCHED_SHAPES):
+        left, right = bench.tensor(batch, seq, width, grad=True), bench.tensor(batch, width, seq, grad=True)
+        grad = bench.tensor(batch, seq, seq)
+        seconds = bench.seconds_per_call(lambda: (left @ right).backward(grad))
+        samples.append((*forward_backward_terms(seq, seq, width, batch, value_bytes), seconds))
+    return samples
+
+
+def _measure_elementwise(bench: _Bench, value_bytes: int) -> list[tuple[float, float]]:
+    import torch
+    import torch.nn.functional as F
+
+    samples = []
+    for size in (FAST_ELEMENTWISE_SIZES if bench.options.fast else ELEMENTWISE_SIZES):
+        values, ones = bench.tensor(size // ROW, ROW, grad=True), bench.tensor(size // ROW, ROW, fill=1.0)
+        norm_weight, norm_bias = bench.tensor(ROW, grad=True, fill=1.0), bench.tensor(ROW, grad=True, fill=0.0)
+
+        def block():
+            F.layer_norm(values, (ROW,), norm_weight, norm_bias).backward(ones)
+            F.gelu(values).backward(ones)
+            torch.softmax(values, dim=-1).backward(ones)
+
+        samples.append((ELEMENTWISE_VALUES_MOVED * value_bytes * size, bench.seconds_per_call(block)))
+    return samples
+
+
+def reference_layer_spec(hidden: int, heads: int, mlp: int, seq: int, dropout: float = 0.0) -> ModelSpec:
+    """One GPT layer of the given shape (`REFERENCE_LAYERS`)."""
+    return ModelSpec(name=f"reference-h{hidden}-s{seq}", num_layers=1, hidden_size=hidden, num_attention_heads=heads,
+                     ffn_hidden_size=mlp, vocab_size=256, seq_length=seq, dropout=dropout)
+
+
+def dropped_elements(hidden: int, heads: int, seq: int, batch: int) -> int:
+    """Values one layer drops out: attention probabilities b a s^2 and two residual branches 2 b s h."""
+    return batch * heads * seq * seq + 2 * batch * seq * hidden
+
+
+def _measure_reference_layers(bench: _Bench) -> list[tuple[float, float]]:
+    """(seconds without dropout, seconds with dropout 0.1) of forward + backward of each reference
+    layer (the runtime's own TransformerLayer); none with --fast."""
+    from modelpar.models.gpt import DropoutKey, TransformerLayer
+
+    seconds = []
+    for hidden, heads, mlp, seq, batch in () if bench.options.fast else REFERENCE_LAYERS:
+        pair = []
+        for dropout in (0.0, 0.1):
+            spec = reference_layer_spec(hidden, heads, mlp, seq, dropout)
+            layer = TransformerLayer(spec, 0).to(bench.device, bench.dtype)
+            x, grad = bench.tensor(batch, seq, hidden, grad=True), bench.tensor(batch, seq, hidden)
+            key = DropoutKey(0, 0)
+            pair.append(bench.seconds_per_call(lambda: layer(x, key).backward(grad)))
+        seconds.append(tuple(pair))
+    return seconds
+
+
+def _while_others_compute(bench: _Bench, measure):
+    """`measure()` on each rank in turn while the other ranks multiply matrices (as in training,
+    where a rank's memory-bound kernels rarely coincide with the same kernels on the others);
+    returns this rank's result."""
+    import torch.distributed as dist
+
+    left, right = bench.tensor(256, 256), bench.tensor(256, 256)
+    result = None
+    for turn in range(dist.get_world_size()):
+        dist.barrier()
+        if dist.get_rank() == turn:
+            result = measure()
+            dist.barrier()
+        else:
+            done = dist.barrier(async_op=True)
+            while not done.is_completed():
+                left @ right
+            done.wait()
+    return result
+
+
+def _measure_device(bench: _Bench, value_bytes: int) -> dict:
+    import torch
+
+    from modelpar.models.gpt import DropoutKey, DropoutSite, keyed_dropout
+    from modelpar.runtime.zero import AdamW
+
+    fast = bench.options.fast
+    dropout_inputs = [bench.tensor(*shape, grad=True) for shape in (FAST_DROPOUT_SHAPES if fast else DROPOUT_SHAPES)]
+    dropout_grads = [bench.tensor(*values.shape) for values in dropout_inputs]
+    key = DropoutKey(0, 0)
+
+    def dropouts():
+        for site, (values, grad) in enumerate(zip(dropout_inputs, dropout_grads)):
+            keyed_dropout(values, 0.1, key, 0, DropoutSite(site + 2), True).backward(grad)
+
+    dropout_s = _while_others_compute(bench, lambda: bench.seconds_per_call(dropouts))
+    dropout_elements = sum(values.numel() for values in dropout_inputs)
+    tensors, size = (4, 2**12) if fast else (32, 2**16)
+    params = [torch.nn.Parameter(torch.randn(size, device=bench.device)) for _ in range(tensors)]  # fp32 master
+    for param in params:
+        param.grad = torch.randn(size, device=bench.device)
+    optimizer = AdamW(params, lr=1e-3, weight_decay=0.1)
+    return {
+        "threads": torch.get_num_threads(),
+        "op_overhead_s": _op_overhead(bench),
+        "gemm": _measure_gemms(bench, value_bytes),
+        "elementwise": _measure_elementwise(bench, value_bytes),
+        "reference_layers": _measure_reference_layers(bench),
+        "dropout_ns_per_element": dropout_s / dropout_elements * 1e9,
+        "optimizer_ns_per_parameter": bench.seconds_per_call(optimizer.step) / (tensors * size) * 1e9,
+    }
+
+
+def _time_collective(fn, repeats: int, bench: _Bench) -> float:
+    """Median seconds of `fn` on this rank. The last rank arrives LATE_ARRIVAL_S after the others
+    (it multiplies matrices first), as a rank finishing its GEMMs does in training: the others
+    are already waiting, asleep, and its time is the exposed part of the collective, waking them
+    included (`runtime.prediction` measures the same part: a span less its wait for the last)."""
+    import torch.distributed as dist
+
+    late = dist.get_rank() == dist.get_world_size() - 1
+    left, right = bench.tensor(128, 128), bench.tensor(128, 128)
+    fn()
+    bench.synchronize()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        if late:
+            arrive = time.perf_counter() + LATE_ARRIVAL_S
+            while time.perf_counter() < arrive:
+                left @ right
+            bench.synchronize()
+        start = time.perf_counter()
+        fn()
+        bench.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _measure_link(rank: int, world: int, bench: _Bench, value_bytes: int) -> list[tuple[str, int, float, float]]:
+    import torch.distributed as dist
+
+    samples = []
+    for num_bytes in (FAST_COLLECTIVE_BYTES if bench.options.fast else COLLECTIVE_BYTES):
+        values = bench.tensor(num_bytes // value_bytes, fill=0.0)
+        parts = [bench.tensor(num_bytes // value_bytes, fill=0.0) for _ in range(world)]
+
+        def send_receive():
+            if rank == 0:
+                dist.send(values, dst=1)
+            elif rank == 1:
+                dist.recv(values, src=0)
+
+        for name, fn in (("all_reduce", lambda: dist.all_reduce(values)),
+                         ("all_gather", lambda: dist.all_gather(parts, values)),
+                         ("p2p", send_receive)):
+            samples.append((name, world, float(num_bytes), _time_collective(fn, bench.options.collective_repeats,
+                                                                            bench)))
+    return samples
+
+
+def _profile_worker(rank: int, world: int, options: ProfileOptions) -> dict:
+    """Spawned rank: device measurements while all `world` ranks run them, then the link. On
+    NCCL (a GPU per rank) the launcher made this rank's GPU the current device."""
+    import torch
+    import torch.distributed as dist
+
+    from modelpar.runtime.precision import DTYPES
+
+    on_gpu = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    bench = _Bench(options, device, DTYPES[options.dtype])
+    value_bytes = VALUE_BYTES[options.dtype]
+    dist.barrier()
+    measured = _measure_device(bench, value_bytes)
+    measured["device_type"] = device.type
+    measured["device_name"] = torch.cuda.get_device_name(device) if on_gpu else None
+    measured["device_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30 if on_gpu else None
+    link = _measure_link(rank, world, bench, value_bytes) if world > 1 else []
+    return {"rank": rank, "device": measured, "link": link}
+
+
+# --- assembling the cluster --------------------------------------------------------------------------
+
+
+def _median_over_ranks(results: list[dict], pick) -> float:
+    return statistics.median(pick(result) for result in results)
+
+
+def shared_host_profile(ranks: int, results: list[dict], host: dict, dtype: str = "fp32",
+                        fast: bool = False) -> tuple[SharedHostProfile, dict]:
+    """The SharedHostProfile of k = `ranks` from every rank's measurements (and a summary of them).
+    CPU ranks share the host's RAM and cores; a GPU rank has its own device memory."""
+    devices = [result["device"] for result in results]
+    overhead = statistics.median(device["op_overhead_s"] for device in devices)
+    gemm = [
+        (*sample[:3], statistics.median(device["gemm"][index][3] for device in devices))
+        for index, sample in enumerate(devices[0]["gemm"])
+    ]
+    elementwise = [
+        (sample[0], statistics.median(device["elementwise"][index][1] for device in devices))
+        for index, sample in enumerate(devices[0]["elementwise"])
+    ]
+    rate, operand_bandwidth, _ = fit_gemm(gemm)
+    bandwidth, _ = fit_bandwidth(elementwise)
+    on_gpu = devices[0].get("device_type") == "cuda"
+    threads = devices[0]["threads"]
+    if on_gpu:
+        name, memory_gib, power = f"{devices[0]['device_name']} ({dtype})", devices[0]["device_memory_gib"], 400.0
+    else:
+        name = (f"{host['cpu']} ({ranks} rank{'s' if ranks > 1 else ''} sharing {host['cores']} cores, "
+                f"{threads} thread{'s' if threads > 1 else ''} each, {dtype})")
+        memory_gib, power = host["memory_gib"] / ranks, HOST_POWER_WATTS / ranks
+    device = DeviceSpec(
+        name=name,
+        peak_tflops=rate / 1e12,
+        memory_gib=memory_gib,
+        memory_bandwidth_gb_per_s=bandwidth / 1e9,
+        power_watts=power,
+        matmul_efficiency=1.0,
+        matmul_operand_bandwidth_gb_per_s=operand_bandwidth / 1e9,
+        memory_bandwidth_efficiency=1.0,
+        kernel_overhead_us=overhead * 1e6,
+        attention_kernel="explicit",
+        dropout_ns_per_element=_median_over_ranks(results, lambda r: r["device"]["dropout_ns_per_element"]),
+        optimizer_ns_per_parameter=_median_over_ranks(results, lambda r: r["device"]["optimizer_ns_per_parameter"]),
+        value_bytes=VALUE_BYTES[dtype],
+    )
+    layers = [(statistics.median(d["reference_layers"][index][0] for d in devices),
+               statistics.median(d["reference_layers"][index][1] for d in devices))
+              for index in range(len(devices[0]["reference_layers"]))]
+    layer_seconds = [without for without, _ in layers]
+    layer_bandwidth = fit_layer_bandwidth(device, layer_seconds) if layers else None
+    if layer_bandwidth is not None:
+        device = replace(device, memory_bandwidth_gb_per_s=layer_bandwidth / 1e9)
+    extra = sum(with_dropout - without for without, with_dropout in layers)
+    if layers and extra > 0:  # dropout as it runs inside a layer
+        elements = sum(dropped_elements(hidden, heads, seq, batch) for hidden, heads, _, seq, batch in REFERENCE_LAYERS)
+        device = replace(device, dropout_ns_per_element=extra / elements * 1e9)
+    if ranks > 1:  # the late rank's collectives; a lone point-to-point message is faster (kept in the raw data)
+        link_bandwidth, latency = fit_link([sample for sample in results[-1]["link"] if sample[0] != "p2p"])
+    else:  # one rank never communicates: an in-memory copy
+        link_bandwidth, latency = bandwidth, 0.0
+    profile = SharedHostProfile(ranks=ranks, device=device, bandwidth_gb_per_s=link_bandwidth / 1e9,
+                                latency_us=latency * 1e6)
+    summary = {"ranks": ranks, "device_type": devices[0].get("device_type", "cpu"), "threads_per_rank": threads,
+               "op_overhead_us": overhead * 1e6,
+               "gemm_seconds": gemm, "elementwise_seconds": elementwise,
+               "elementwise_block_gb_per_s": bandwidth / 1e9, "reference_layer_seconds": layers,
+               "dropout_benchmark_ns_per_element": _median_over_ranks(
+                   results, lambda r: r["device"]["dropout_ns_per_element"]),
+               "collective_seconds": results[-1]["link"]}
+    return profile, summary
+
+
+def host_facts() -> dict:
+    """CPU model name, core count and RAM of this machine (no measurement)."""
+    cpu = platform.processor() or platform.machine() or "cpu"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory = 8.0
+    return {"cpu": cpu, "cores": os.cpu_count() or 1, "memory_gib": memory}
+
+
+def build_cluster(profiles: list[SharedHostProfile], host: dict, gpus: bool = False) -> ClusterSpec:
+    """The local cluster: one 'node' holding up to max(k) ranks; its top-level device and links
+    are those of the smallest and the largest k (`for_world_size` picks per plan). CPU ranks
+    share the host's cores (`host_cores`); GPU ranks each have their own device."""
+    profiles = sorted(profiles, key=lambda profile: profile.ranks)
+    largest = profiles[-1]
+    single = profiles[0]
+    name = single.device.name if gpus else f"{host['cpu']} ({host['cores']} cores, ranks share them)"
+    return ClusterSpec(
+        name="local",
+        device=replace(single.device, name=name),
+        devices_per_node=largest.ranks,
+        intra_node_bandwidth_gb_per_s=largest.bandwidth_gb_per_s,
+        inter_node_bandwidth_gb_per_s=largest.bandwidth_gb_per_s,
+        intra_node_latency_us=largest.latency_us,
+        inter_node_latency_us=largest.latency_us,
+        num_devices=largest.ranks,
+        network_efficiency=1.0,
+        shared_host=tuple(profiles),
+        host_cores=None if gpus else host["cores"],
+    )
+
+
+def profile_machine(options: ProfileOptions = ProfileOptions(), timeout_s: float = 600.0,
+                    log=None) -> tuple[ClusterSpec, dict]:
+    """Measure this machine for every k in `options.ranks`; returns (cluster, raw measurements).
+    With a GPU for every rank the ranks run on the GPUs over NCCL, else on the CPU over gloo."""
+    from modelpar.runtime.launch import choose_backend, spawn
+
+    backend = choose_backend(max(options.ranks))
+    host = host_facts()
+    load_before = _load_average()
+    if log is not None and load_before is not None and load_before > BUSY_LOAD_PER_CORE * host["cores"]:
+        log(f"warning: this machine is busy (load average {load_before:.1f} on {host['cores']} cores): other "
+            f"processes slow every measurement; profile again when it is idle")
+    profiles, summaries = [], []
+    for ranks in options.ranks:
+        started = time.perf_counter()
+        results = spawn(_profile_worker, ranks, (options,), timeout_s=timeout_s, backend=backend)
+        profile, summary = shared_host_profile(ranks, results, host, options.dtype, options.fast)
+        profiles.append(profile)
+        summaries.append(summary)
+        if log is not None:
+            device = profile.device
+            log(f"{ranks} rank(s): GEMM {device.peak_tflops * 1e3:.1f} GFLOP/s, operands "
+                f"{device.matmul_operand_bandwidth_gb_per_s:.1f} GB/s, memory {device.memory_bandwidth_gb_per_s:.1f} "
+                f"GB/s, op {device.kernel_overhead_us:.1f} us, dropout {device.dropout_ns_per_element:.1f} ns/el, "
+                f"link {profile.bandwidth_gb_per_s:.2f} GB/s + {profile.latency_us:.0f} us "
+                f"({time.perf_counter() - started:.1f} s)")
+    return build_cluster(profiles, host, backend == "nccl"), {
+        "host": host, "backend": backend, "dtype": options.dtype, "fast": options.fast, "profiles": summaries,
+        "load_average_before": load_before, "load_average_after": _load_average()}
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rank counts like 1,2,4,8, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"rank counts must be positive integers, got {text!r}")
+    return values
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `modelpar profile` flags."""
+    parser.add_argument("--ranks", type=_ranks, default=DEFAULT_RANKS,
+                        help="rank counts to profile, comma-separated (default 1,2,4,8); a plan of N ranks "
+                             "uses the smallest profiled count >= N")
+    parser.add_argument("--fast", action="store_true", help="tiny sizes and short windows (seconds; rough)")
+    parser.add_argument("--dtype", choices=sorted(VALUE_BYTES), default="fp32",
+                        help="precision to measure, as `modelpar train --dtype` runs (default fp32)")
+    parser.add_argument("--output", metavar="PATH",
+                        help="write the cluster JSON here instead of the cache ($MODELPAR_CACHE/local_cluster.json)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are declared stuck")
+    parser.add_argument("--json", action="store_true", help="print one JSON document: the cluster and raw timings")
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    """`modelpar profile`: measure, write the cluster JSON (cache or --output), report."""
+    from modelpar.runtime.launch import RankFailure
+    from modelpar.specs.local import save_local_cluster
+
+    options = ProfileOptions(ranks=tuple(args.ranks), fast=args.fast, dtype=args.dtype)
+    log = None if args.json else (lambda line: print(line, file=sys.stderr))
+    try:
+        cluster, raw = profile_machine(options, timeout_s=args.timeout, log=log)
+    except RankFailure as failure:
+        print(f"modelpar profile: error: {str(failure).splitlines()[0]}", file=sys.stderr)
+        return 1
+    path = save_local_cluster(cluster, args.output)
+    if args.json:
+        json.dump({"path": str(path), "cluster": asdict(cluster), "measurements": raw}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(f"wrote {path}; use it with --cluster {'local' if args.output is None else path}")
+    return 0
+
+
+__all__ = ["ProfileOptions", "profile_machine", "build_cluster", "shared_host_profile", "fit_gemm", "fit_bandwidth",
+           "fit_layer_bandwidth", "fit_link", "reference_layer_spec", "add_profile_arguments", "profile_command"]

@@ -1,0 +1,73 @@
+"""The profiled local machine as a cluster spec: `--cluster local`.
+
+`modelpar profile` measures this machine (`modelpar.profile`) and caches the result as an
+ordinary ClusterSpec JSON file, loadable like any other (`--cluster PATH`):
+
+    $MODELPAR_CACHE/local_cluster.json        when MODELPAR_CACHE is set (a directory)
+    $XDG_CACHE_HOME/modelpar/local_cluster.json, else ~/.cache/modelpar/local_cluster.json
+
+Pure Python (no torch): the planner imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from modelpar.specs.cluster import ClusterSpec
+from modelpar.specs.errors import SpecError
+
+CACHE_ENV = "MODELPAR_CACHE"
+PROFILE_FILE = "local_cluster.json"
+
+
+def cache_dir() -> Path:
+    """Where modelpar caches measurements (see the module docstring)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "modelpar"
+
+
+def local_profile_path() -> Path:
+    """The cached profile of this machine (it may not exist yet)."""
+    return cache_dir() / PROFILE_FILE
+
+
+def cluster_to_json(cluster: ClusterSpec) -> str:
+    """The cluster as the JSON object `load_cluster` reads back (keys = dataclass fields)."""
+    return json.dumps(asdict(cluster), indent=1) + "\n"
+
+
+def save_local_cluster(cluster: ClusterSpec, path: str | os.PathLike | None = None) -> Path:
+    """Write `cluster` (atomically: a half-written profile never replaces a good one); returns the path."""
+    target = Path(path) if path is not None else local_profile_path()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(target.name + ".tmp")
+        temporary.write_text(cluster_to_json(cluster))
+        temporary.replace(target)
+    except OSError as error:
+        raise SpecError(f"cannot write the profile to {target}: {error.strerror or error}; "
+                        f"set {CACHE_ENV} to a writable directory or pass --output") from None
+    return target
+
+
+def load_local_cluster(path: str | os.PathLike | None = None) -> ClusterSpec:
+    """The cached profile of this machine; SpecError when there is none or it is unreadable."""
+    from modelpar.specs.io import from_dict, read_json
+
+    source = Path(path) if path is not None else local_profile_path()
+    if not source.is_file():
+        raise SpecError(f"no local profile: run `modelpar profile` first (looked for {source})")
+    data = read_json(source)
+    try:
+        return from_dict(ClusterSpec, data, f"local profile {source}")
+    except SpecError as error:
+        raise SpecError(f"{error} (re-run `modelpar profile` to rebuild it)") from None
+
+
+__all__ = ["CACHE_ENV", "cache_dir", "local_profile_path", "save_local_cluster", "load_local_cluster",
+           "cluster_to_json"]
