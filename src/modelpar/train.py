@@ -299,6 +299,7 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
     """Spawned (or torchrun) entry: train and return this rank's measurements (`runtime.prediction`
     defines them: per-step compute / communication / bubble from the timeline, with collectives
     timed inside the compute spans; peak memory; saved activations)."""
+    import torch
     import torch.distributed as dist
 
     from modelpar.runtime.checkpoint import load_checkpoint, save_checkpoint
@@ -335,6 +336,8 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
                 states = model_state_bytes(trainer.modules, trainer.optimizer, trainer.reducers)
                 start += time.perf_counter() - pause
             trainer.optimizer_step()
+            if trainer.ctx.device.type == "cuda":  # step time must include the GPU's queued work
+                torch.cuda.synchronize(trainer.ctx.device)
             losses.append(loss)
             step_times.append(time.perf_counter() - start)
             events = trainer.timeline.events
@@ -383,7 +386,7 @@ def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT
     planner's prediction when a `cluster` (ClusterSpec) is given (None on torchrun ranks other
     than 0). Raises SpecError before any rank starts when the plan cannot run, and
     `launch.RankFailure` naming the rank when one fails."""
-    from modelpar.runtime.launch import default_backend, spawn, under_torchrun
+    from modelpar.runtime.launch import choose_backend, default_backend, spawn, under_torchrun
 
     plan = complete_plan(plan)
     config = TrainConfig(model_spec, plan, steps, seed, dtype, data_path, learning_rate, progress=progress,
@@ -392,7 +395,7 @@ def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT
     validate_training(config)
     world = plan.world_size
     torchrun = under_torchrun()
-    backend = default_backend() if torchrun else "gloo"
+    backend = default_backend() if torchrun else choose_backend(world)
     cluster_error = None
     if cluster is None and backend == "gloo":  # CPU ranks: this machine's profile, when there is one
         from modelpar.specs.local import load_local_cluster
@@ -407,7 +410,7 @@ def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT
     if cluster is not None:
         peak = cluster.for_world_size(world).device.peak_tflops
         peak_source = f"cluster {cluster.name}"
-    elif torchrun:
+    elif torchrun or backend == "nccl":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if backend == "nccl" else "cpu"
         peak, peak_source = measure_matmul_tflops(dtype, device), f"measured {device} matmul"
     else:
