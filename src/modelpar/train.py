@@ -523,6 +523,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-checkpoint", metavar="PATH", help="save the final weights (serial layout)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are declared stuck")
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    parser.add_argument("--png", help="draw the predicted and measured timelines of the last step side by side")
+    parser.add_argument("--trace", help="write the measured per-rank timeline as Chrome trace JSON (Perfetto)")
 
 
 def plan_from_args(args: argparse.Namespace) -> ParallelPlan:
@@ -550,12 +552,49 @@ def train_command(args: argparse.Namespace) -> int:
         return 1
     if summary is None:  # torchrun rank other than 0
         return 0
+    write_pictures(summary, model, plan_from_summary(summary), cluster, args.png, args.trace)
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         print_summary(summary)
     return 0
+
+
+def plan_from_summary(summary: dict) -> ParallelPlan:
+    return ParallelPlan(**summary["plan"])
+
+
+def write_pictures(summary: dict, model, plan: ParallelPlan, cluster, png: str | None, trace: str | None) -> None:
+    """--png: predicted (the planner's simulated schedule, when a cluster is known) above the
+    measured last step; --trace: the measured timeline as Chrome trace JSON."""
+    if not png and not trace:
+        return
+    from modelpar.report.timeline import events_from_runtime, gantt_png, side_by_side_png, write_chrome_trace
+
+    measured = events_from_runtime(summary["timeline"])
+    if trace:
+        write_chrome_trace(measured, trace)
+        summary["trace"] = trace
+    if png:
+        predicted = []
+        if cluster is None:
+            from modelpar.specs.local import load_local_cluster
+
+            try:
+                cluster = load_local_cluster()
+            except SpecError:
+                cluster = None
+        if cluster is not None:
+            from modelpar.simulate import predict_schedule
+
+            predicted = predict_schedule(model, cluster, plan).events
+        if predicted:
+            title = f"{model.name}: predicted (cluster {cluster.name}) vs measured step"
+            side_by_side_png(predicted, measured, png, title=title, share_time_axis=True)
+        else:  # nothing to predict with: run `modelpar profile` or pass --cluster
+            gantt_png(measured, png, title=f"{model.name}: measured step (no cluster for a prediction)")
+        summary["png"] = png
 
 
 def print_summary(summary: dict) -> None:
