@@ -485,17 +485,9 @@ def summarise(config: TrainConfig, rank_results: list[dict], peak_tflops: float,
 # --- command line --------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from modelpar.cli import _positive_int  # the CLI's argument types; cli imports this module lazily
+
     """The `modelpar train` flags (DESIGN.md contract). Plan flags override a --plan file's fields;
     anything left unset takes the runtime default (`complete_plan`)."""
     parser.add_argument("--model", required=True, help="model preset name or JSON file (e.g. gpt-tiny)")
