@@ -60,15 +60,9 @@ def paired_ratio(ours_s: Sequence[float], theirs_s: Sequence[float]) -> PairedRa
 
 def machine_description() -> dict:
     """What the figures were measured on: CPU model, core count, OS, Python, torch, date (UTC)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from modelpar.profile import cpu_model_name
+
+    cpu = cpu_model_name()
     try:
         import torch
 

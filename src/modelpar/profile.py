@@ -559,17 +559,21 @@ def shared_host_profile(ranks: int, results: list[dict], host: dict, dtype: str 
     return profile, summary
 
 
-def host_facts() -> dict:
-    """CPU model name, core count and RAM of this machine (no measurement)."""
-    cpu = platform.processor() or platform.machine() or "cpu"
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def host_facts() -> dict:
+    """CPU model name, core count and RAM of this machine (no measurement)."""
+    cpu = cpu_model_name()
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):

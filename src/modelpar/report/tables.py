@@ -42,18 +42,22 @@ def memory_dict(memory) -> dict:
     return data
 
 
-def plan_row(estimate) -> dict:
-    """One ranked plan as in the `plan --json` contract."""
+def _prediction(estimate) -> dict:
+    """Fields shared by `plan` rows and the `estimate` document."""
     return {
         "plan": estimate.plan.to_dict(),
         "predicted_step_time_s": estimate.step_time_s,
         "predicted_mfu": estimate.mfu,
         "predicted_hfu": estimate.hfu,
-        "memory_per_device_bytes": estimate.memory.total,
         "breakdown": dict(estimate.breakdown),
         "energy_per_step_j": estimate.energy_per_step_j,
         "energy_per_token_j": estimate.energy_per_token_j,
     }
+
+
+def plan_row(estimate) -> dict:
+    """One ranked plan as in the `plan --json` contract."""
+    return {**_prediction(estimate), "memory_per_device_bytes": estimate.memory.total}
 
 
 def search_json(result) -> dict:
@@ -69,16 +73,7 @@ def search_json(result) -> dict:
 
 
 def estimate_json(estimate) -> dict:
-    return {
-        "plan": estimate.plan.to_dict(),
-        "predicted_step_time_s": estimate.step_time_s,
-        "predicted_mfu": estimate.mfu,
-        "predicted_hfu": estimate.hfu,
-        "breakdown": dict(estimate.breakdown),
-        "memory": memory_dict(estimate.memory),
-        "energy_per_step_j": estimate.energy_per_step_j,
-        "energy_per_token_j": estimate.energy_per_token_j,
-    }
+    return {**_prediction(estimate), "memory": memory_dict(estimate.memory)}
 
 
 def validation_json(report) -> dict:
