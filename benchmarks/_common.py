@@ -150,23 +150,25 @@ def profile_one_step(rank: int, step_ours, step_theirs, step: int, row_limit: in
 # --- analysis of the ranks' spans (parent process) -------------------------------------------------
 
 
+def _per_pair_median(rank_results: list[dict], side: str, of_step) -> list[float]:
+    """Per pair: median over its steps of `of_step(spans)`, spans = every rank's (start, end, cpu
+    seconds) of that step."""
+    medians = []
+    for pair in range(len(rank_results[0]["pairs"])):
+        rank_spans = [result["pairs"][pair][side] for result in rank_results]
+        medians.append(statistics.median(of_step([spans[k] for spans in rank_spans])
+                                         for k in range(len(rank_spans[0]))))
+    return medians
+
+
 def pair_step_times(rank_results: list[dict], side: str) -> list[float]:
     """Per pair: median over its steps of (latest rank's end - earliest rank's start)."""
-    times = []
-    for pair in range(len(rank_results[0]["pairs"])):
-        spans = [result["pairs"][pair][side] for result in rank_results]
-        steps = [max(s[k][1] for s in spans) - min(s[k][0] for s in spans) for k in range(len(spans[0]))]
-        times.append(statistics.median(steps))
-    return times
+    return _per_pair_median(rank_results, side, lambda spans: max(s[1] for s in spans) - min(s[0] for s in spans))
 
 
 def pair_cpu_times(rank_results: list[dict], side: str) -> list[float]:
     """Per pair: median over its steps of the CPU seconds summed over the ranks (the total work)."""
-    times = []
-    for pair in range(len(rank_results[0]["pairs"])):
-        spans = [result["pairs"][pair][side] for result in rank_results]
-        times.append(statistics.median(sum(s[k][2] for s in spans) for k in range(len(spans[0]))))
-    return times
+    return _per_pair_median(rank_results, side, lambda spans: sum(s[2] for s in spans))
 
 
 def robustness_checks(rank_results: list[dict]) -> dict:

@@ -60,7 +60,7 @@ cache (`specs.local`) and read back by `--cluster local`.
 
 GPUs: when the machine has a GPU for each of the largest rank count asked for (`--ranks 1` on a
 one-GPU machine), the same measurements run on the GPUs over NCCL (`runtime.launch.choose_backend`,
-CUDA-synchronised windows), the device memory is the GPU's and the ranks share no cores.
+CUDA-synchronised windows, GPU-sized shapes: `GPU_*` tables), the device memory is the GPU's and the ranks share no cores.
 `--dtype bf16` measures 16-bit kernels and traffic, as `modelpar train --dtype bf16` runs.
 """
 
@@ -109,6 +109,16 @@ DROPOUT_SHAPES = ((2, 8, 128, 128), (2, 128, 256), (2, 128, 256))
 [b, a, s, s] and the two residual branches [b, s, h]; the per-element cost grows with the size
 (int64 hash temporaries leave the caches), so the benchmark uses a layer's mix."""
 FAST_DROPOUT_SHAPES = ((1, 2, 32, 32), (1, 32, 64), (1, 32, 64))
+# GPUs: CPU-sized kernels only measure launch latency there, so a GPU rank uses shapes of the
+# size GPT training runs on it (the same tables otherwise).
+GPU_LINEAR_SHAPES = (
+    (2048, 1024, 1024), (4096, 2048, 2048), (4096, 4096, 4096), (8192, 4096, 4096), (4096, 4096, 16384),
+    (8192, 2048, 8192), (2048, 768, 3072), (4096, 1024, 4096),
+)
+GPU_BATCHED_SHAPES = ((64, 1024, 64), (128, 1024, 128), (64, 2048, 128))
+GPU_ELEMENTWISE_SIZES = (2**22, 2**24, 2**26)
+GPU_REFERENCE_LAYERS = ((1024, 16, 4096, 1024, 4), (2048, 16, 8192, 1024, 2), (768, 12, 3072, 2048, 4))
+GPU_DROPOUT_SHAPES = ((4, 16, 1024, 1024), (4, 1024, 1024), (4, 1024, 1024))
 COLLECTIVE_BYTES = (2**12, 2**16, 2**18, 2**20, 2**22)
 LATE_ARRIVAL_S = 0.002
 FAST_COLLECTIVE_BYTES = (2**10, 2**14)
@@ -194,7 +204,8 @@ def fit_bandwidth(samples: list[tuple[float, float]]) -> tuple[float, float]:
     return 1.0 / inverse, intercept
 
 
-def fit_layer_bandwidth(device: DeviceSpec, layer_seconds: list[float]) -> float | None:
+def fit_layer_bandwidth(device: DeviceSpec, layer_seconds: list[float],
+                        references: tuple = REFERENCE_LAYERS) -> float | None:
     """Effective bytes/s of the memory-bound kernels that make `compute.layer_compute` match the
     measured reference layers, with the device's measured GEMM rates and per-op overhead; None
     when the layers take less time than their GEMMs alone (noise), or no bandwidth fits.
@@ -205,7 +216,7 @@ def fit_layer_bandwidth(device: DeviceSpec, layer_seconds: list[float]) -> float
     from modelpar.planner import compute
 
     numerator = denominator = 0.0
-    for (hidden, heads, mlp, seq, batch), measured in zip(REFERENCE_LAYERS, layer_seconds):
+    for (hidden, heads, mlp, seq, batch), measured in zip(references, layer_seconds):
         spec = reference_layer_spec(hidden, heads, mlp, seq)
         times = []
         for bandwidth in (device.memory_bandwidth_gb_per_s, 2 * device.memory_bandwidth_gb_per_s):
@@ -253,6 +264,12 @@ class _Bench:
     options: ProfileOptions
     device: object  # torch.device
     dtype: object  # torch.dtype
+
+    def sizes(self, cpu: tuple, fast: tuple, gpu: tuple) -> tuple:
+        """The shape table for this rank: tiny with --fast, GPU-sized on a GPU, else `cpu`."""
+        if self.options.fast:
+            return fast
+        return gpu if self.device.type == "cuda" else cpu
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -303,12 +320,12 @@ def _measure_gemms(bench: _Bench, value_bytes: int) -> list[tuple[float, float, 
 
     fast = bench.options.fast
     samples = []
-    for tokens, width_in, width_out in (FAST_LINEAR_SHAPES if fast else LINEAR_SHAPES):
+    for tokens, width_in, width_out in bench.sizes(LINEAR_SHAPES, FAST_LINEAR_SHAPES, GPU_LINEAR_SHAPES):
         x, grad = bench.tensor(tokens, width_in, grad=True), bench.tensor(tokens, width_out)
         weight, bias = bench.tensor(width_out, width_in, grad=True), bench.tensor(width_out, grad=True, fill=0.0)
         seconds = bench.seconds_per_call(lambda: F.linear(x, weight, bias).backward(grad))
         samples.append((*forward_backward_terms(tokens, width_out, width_in, 1, value_bytes), seconds))
-    for batch, seq, width in (FAST_BATCHED_SHAPES if fast else BATCHED_SHAPES):
+    for batch, seq, width in bench.sizes(BATCHED_SHAPES, FAST_BATCHED_SHAPES, GPU_BATCHED_SHAPES):
         left, right = bench.tensor(batch, seq, width, grad=True), bench.tensor(batch, width, seq, grad=True)
         grad = bench.tensor(batch, seq, seq)
         seconds = bench.seconds_per_call(lambda: (left @ right).backward(grad))
@@ -321,7 +338,7 @@ def _measure_elementwise(bench: _Bench, value_bytes: int) -> list[tuple[float, f
     import torch.nn.functional as F
 
     samples = []
-    for size in (FAST_ELEMENTWISE_SIZES if bench.options.fast else ELEMENTWISE_SIZES):
+    for size in bench.sizes(ELEMENTWISE_SIZES, FAST_ELEMENTWISE_SIZES, GPU_ELEMENTWISE_SIZES):
         values, ones = bench.tensor(size // ROW, ROW, grad=True), bench.tensor(size // ROW, ROW, fill=1.0)
         norm_weight, norm_bias = bench.tensor(ROW, grad=True, fill=1.0), bench.tensor(ROW, grad=True, fill=0.0)
 
@@ -351,7 +368,7 @@ def _measure_reference_layers(bench: _Bench) -> list[tuple[float, float]]:
     from modelpar.models.gpt import DropoutKey, TransformerLayer
 
     seconds = []
-    for hidden, heads, mlp, seq, batch in () if bench.options.fast else REFERENCE_LAYERS:
+    for hidden, heads, mlp, seq, batch in bench.sizes(REFERENCE_LAYERS, (), GPU_REFERENCE_LAYERS):
         pair = []
         for dropout in (0.0, 0.1):
             spec = reference_layer_spec(hidden, heads, mlp, seq, dropout)
@@ -391,7 +408,8 @@ def _measure_device(bench: _Bench, value_bytes: int) -> dict:
     from modelpar.runtime.zero import AdamW
 
     fast = bench.options.fast
-    dropout_inputs = [bench.tensor(*shape, grad=True) for shape in (FAST_DROPOUT_SHAPES if fast else DROPOUT_SHAPES)]
+    dropout_inputs = [bench.tensor(*shape, grad=True)
+                      for shape in bench.sizes(DROPOUT_SHAPES, FAST_DROPOUT_SHAPES, GPU_DROPOUT_SHAPES)]
     dropout_grads = [bench.tensor(*values.shape) for values in dropout_inputs]
     key = DropoutKey(0, 0)
 
@@ -536,12 +554,13 @@ def shared_host_profile(ranks: int, results: list[dict], host: dict, dtype: str 
                statistics.median(d["reference_layers"][index][1] for d in devices))
               for index in range(len(devices[0]["reference_layers"]))]
     layer_seconds = [without for without, _ in layers]
-    layer_bandwidth = fit_layer_bandwidth(device, layer_seconds) if layers else None
+    references = GPU_REFERENCE_LAYERS if on_gpu else REFERENCE_LAYERS
+    layer_bandwidth = fit_layer_bandwidth(device, layer_seconds, references) if layers else None
     if layer_bandwidth is not None:
         device = replace(device, memory_bandwidth_gb_per_s=layer_bandwidth / 1e9)
     extra = sum(with_dropout - without for without, with_dropout in layers)
     if layers and extra > 0:  # dropout as it runs inside a layer
-        elements = sum(dropped_elements(hidden, heads, seq, batch) for hidden, heads, _, seq, batch in REFERENCE_LAYERS)
+        elements = sum(dropped_elements(hidden, heads, seq, batch) for hidden, heads, _, seq, batch in references)
         device = replace(device, dropout_ns_per_element=extra / elements * 1e9)
     if ranks > 1:  # the late rank's collectives; a lone point-to-point message is faster (kept in the raw data)
         link_bandwidth, latency = fit_link([sample for sample in results[-1]["link"] if sample[0] != "p2p"])

@@ -8,7 +8,7 @@ picture is the step that `planner.cost.estimate` prices:
   micro-batch: layers x (layer forward compute + tensor-parallel forward collectives)
   (`compute.layer_compute`, `cost.tensor_comm_per_layer`), + the embedding forward on stage 0
   and the head (final norm, logits, loss) forward on the last stage (`compute.embedding_compute`,
-  `compute.head_compute`);
+  `compute.head_compute`), with their vocabulary-parallel collectives (`cost.tensor_comm_edges`);
 - backward: layers x (recomputed forward + backward compute + their tensor-parallel collectives),
   + the embedding/head backward on the first/last stage;
 - each activation or gradient crossing ranks: `cost.p2p_per_transfer`;
@@ -81,6 +81,9 @@ def action_times(
     body_backward = layers * (layer.recompute_s + tp_recompute + layer.backward_s + tp_backward)
     embedding_forward, embedding_backward = compute.embedding_compute(model, device, b, t, sp)
     head_forward, head_backward = compute.head_compute(model, device, b, t, sp)
+    edge_comm = cost.tensor_comm_edges(model, cluster, b, t, sp)
+    embedding_forward, embedding_backward = embedding_forward + edge_comm[0], embedding_backward + edge_comm[1]
+    head_forward, head_backward = head_forward + edge_comm[2], head_backward + edge_comm[3]
     last = p * v - 1
     forward, backward = [], []
     for rank in range(p):

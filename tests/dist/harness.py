@@ -3,14 +3,33 @@
 Worker functions must be module-level (picklable). Import from a test module in this package with
 ``from .harness import ...``. Each spawn of 4 gloo ranks costs a few seconds, so group cases into
 one worker that returns {case name: [mismatch messages]} and assert in the parent per test.
+
+Training equivalence (tests/dist/test_equivalence.py, test_batched_p2p.py, tests/gpu): a `Case` is
+a model, a plan and a dtype; `launch_cases` trains every case for `STEPS` AdamW steps in ONE
+launch (`train_cases`: per case, the ranks it needs re-initialise the default process group on a
+fresh FileStore, train, gather to the serial layout and destroy the group), `serial_reference`
+trains the serial GPT on the same batches, and `training_mismatches` compares the two.
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+import datetime
+import os
+import tempfile
+import time
+from collections.abc import Callable
 
+import torch
+import torch.distributed as dist
+
+from modelpar.data import make_token_source
+from modelpar.models.gpt import DropoutKey, init_gpt
 from modelpar.runtime.launch import spawn
 from modelpar.runtime.mesh import ParallelContext, ParallelDims
+from modelpar.specs.model import ModelSpec
+from modelpar.specs.plan import ParallelPlan
+from modelpar.train import RankTrainer, TrainConfig
 
 DEFAULT_TIMEOUT_S = 240.0
 
@@ -60,3 +79,148 @@ def random_tokens(vocab_size: int, batch: int, seq: int, seed: int) -> tuple[tor
     generator = torch.Generator().manual_seed(seed)
     data = torch.randint(0, vocab_size, (batch, seq + 1), generator=generator)
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+# --- training equivalence: a layout's training against the serial GPT's ---------------------------
+
+STEPS = 3
+SEED = 5
+CASE_TIMEOUT_S = 120
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One layout to train; `start_from_seed`: load the serial init of this seed as a checkpoint
+    (any-layout loading) instead of initialising from `SEED`."""
+
+    name: str
+    model: ModelSpec
+    plan: ParallelPlan
+    dtype: str = "fp32"
+    start_from_seed: int | None = None
+
+
+def make_plan(t, p, d, schedule="1f1b", v=1, b=2, m=4, sp=False, recompute="none", zero=0) -> ParallelPlan:
+    """A t x p x d plan with m micro-batches of b sequences per data-parallel replica."""
+    return ParallelPlan(tensor_parallel=t, pipeline_parallel=p, data_parallel=d, virtual_stages=v, schedule=schedule,
+                        micro_batch_size=b, global_batch_size=b * d * m, sequence_parallel=sp, recompute=recompute,
+                        zero_stage=zero)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerances:
+    """How close a layout trains to the serial model: in fp32 the losses, step-1 gradients and final
+    weights; in bf16 the losses only. The defaults are the gloo (CPU, fp32-exact) ones."""
+
+    loss_rtol: float = 1e-5
+    grad_rtol: float = 1e-4
+    grad_atol: float = 1e-6
+    # Final weights after 3 AdamW steps: Adam maps gradient noise at elements whose true gradient
+    # is zero (the key biases: softmax ignores them) to updates of up to lr * noise / (noise + eps),
+    # so the bound is a fraction of the learning rate (3e-3); a mis-assembled shard is off by ~0.02.
+    weight_rtol: float = 0.0
+    weight_atol: float = 5e-4
+    bf16_loss_rtol: float = 3e-2
+
+
+def initial_state(case: Case) -> dict | None:
+    """The serial init of `case.start_from_seed` (None: the trainer initialises from SEED)."""
+    return init_gpt(case.model, case.start_from_seed).state_dict() if case.start_from_seed is not None else None
+
+
+def train_cases(rank: int, world_size: int, cases: list[Case], store_dir: str, backend: str = "gloo",
+                inspect: Callable | None = None, environment: dict | None = None) -> dict:
+    """On every rank: train each case whose world includes this rank; rank 0 returns
+    {case name: {"losses", "grads" (step 1), "state" (final), "initial_state", "reports", "seconds"}}
+    (gradients and weights gathered to the serial layout; None in bf16). `inspect(trainer, ctx)`
+    runs after step 1's forward-backward and its picklable value, from every rank, is "reports".
+    `environment` is set first (e.g. the p2p mode). TF32 is off: the comparisons are exact."""
+    os.environ.update(environment or {})
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    # A barrier before every destroy: gloo's init returns on a rank before its peers have finished
+    # connecting, and destroying then would close sockets they still need.
+    dist.barrier()
+    dist.destroy_process_group()  # the launch's group; each case makes its own
+    results = {}
+    for index, case in enumerate(cases):
+        size = case.plan.world_size
+        if rank >= size:
+            continue
+        started = time.perf_counter()
+        dist.init_process_group(backend, init_method=f"file://{store_dir}/case{index}", rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=CASE_TIMEOUT_S))
+        ctx = ParallelContext(ParallelDims.from_plan(case.plan))
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        config = TrainConfig(case.model, case.plan, STEPS, SEED, case.dtype, "synthetic", progress=False)
+        trainer = RankTrainer(config, ctx, initial_state=initial_state(case))
+        fp32 = case.dtype == "fp32"
+        initial = trainer.full_state_dict() if fp32 else None
+        losses = [trainer.forward_backward(0)]
+        report = inspect(trainer, ctx) if inspect is not None else None
+        grads = trainer.full_gradients() if fp32 else None
+        trainer.optimizer_step()
+        losses += [trainer.step(step) for step in range(1, STEPS)]
+        state = trainer.full_state_dict() if fp32 else None
+        reports = [None] * size
+        dist.all_gather_object(reports, report)
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank == 0:
+            results[case.name] = {"losses": losses, "grads": grads, "state": state, "initial_state": initial,
+                                  "reports": reports, "seconds": time.perf_counter() - started}
+    # leave a default group for the launcher to destroy
+    dist.init_process_group(backend, init_method=f"file://{store_dir}/final", rank=rank, world_size=world_size)
+    dist.barrier()
+    return results
+
+
+def launch_cases(cases: list[Case], world_size: int, timeout_s: float, backend: str = "gloo",
+                 inspect: Callable | None = None, environment: dict | None = None) -> dict:
+    """`train_cases` on `world_size` ranks (gloo, or nccl with a GPU per rank); rank 0's results.
+    `inspect` must be module-level (it is pickled to the ranks)."""
+    with tempfile.TemporaryDirectory() as store_dir:
+        args = (cases, store_dir, backend, inspect, environment)
+        return spawn(train_cases, world_size, args, timeout_s=timeout_s, backend=backend)[0]
+
+
+def serial_reference(case: Case) -> dict:
+    """The serial GPT trained on the same batches with the same AdamW: losses, step-1 grads, final weights."""
+    config = TrainConfig(case.model, case.plan, STEPS, SEED, case.dtype, "synthetic", progress=False)
+    model = init_gpt(case.model, SEED)
+    initial = initial_state(case)
+    if initial is not None:
+        model.load_state_dict(initial)
+    initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                  weight_decay=config.weight_decay)
+    source = make_token_source("synthetic", case.model.vocab_size, SEED)
+    losses, grads = [], None
+    for step in range(STEPS):
+        batch = source.global_batch(step, case.plan.global_batch_size, case.model.seq_length)
+        loss = model(batch[:, :-1], batch[:, 1:], DropoutKey(SEED, step, 0))
+        loss.backward()
+        losses.append(loss.item())
+        if step == 0:
+            grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"losses": losses, "grads": grads, "state": model.state_dict(), "initial_state": initial}
+
+
+def training_mismatches(got: dict, want: dict, case: Case, tolerances: Tolerances = Tolerances()) -> list[str]:
+    """`got` (a `train_cases` result) against `want` (`serial_reference`): fp32 losses, initial
+    weights (exactly), step-1 gradients and final weights; bf16 losses only."""
+    problems = []
+    if case.dtype == "fp32":
+        for step, (a, b) in enumerate(zip(got["losses"], want["losses"])):
+            problems += relative_mismatch(f"loss of step {step}", a, b, tolerances.loss_rtol)
+        problems += dict_mismatches("initial weight ", got["initial_state"], want["initial_state"], 0.0, 0.0)
+        problems += dict_mismatches("grad ", got["grads"], want["grads"], tolerances.grad_rtol, tolerances.grad_atol)
+        problems += dict_mismatches("weight ", got["state"], want["state"], tolerances.weight_rtol,
+                                    tolerances.weight_atol)
+    else:
+        for step, (a, b) in enumerate(zip(got["losses"], want["losses"])):
+            problems += relative_mismatch(f"bf16 loss of step {step}", a, b, tolerances.bf16_loss_rtol)
+    return problems

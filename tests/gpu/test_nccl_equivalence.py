@@ -13,32 +13,28 @@ reduction order only (tolerances 10x those of the gloo suite, still 100x below a
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
-import tempfile
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist.harness import dict_mismatches, relative_mismatch
+from dist.harness import Case, Tolerances, launch_cases, make_plan, serial_reference, training_mismatches
 from dist.test_batched_p2p import CASES as BATCHED_CASES
-from dist.test_equivalence import (BF16_LOSS_RTOL, CASES, GPT, SEED, STEPS, WEIGHT_ATOL, Case, _initial_state,
-                                   _plan, serial_reference)
+from dist.test_equivalence import CASES, GPT
 from modelpar.runtime.launch import RankFailure, spawn
-from modelpar.runtime.mesh import ParallelContext, ParallelDims
-from modelpar.train import RankTrainer, TrainConfig, peak_memory_bytes
+from modelpar.train import peak_memory_bytes
 
 pytestmark = pytest.mark.gpu
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-LOSS_RTOL, GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-3, 1e-5
+TOLERANCES = Tolerances(loss_rtol=1e-4, grad_rtol=1e-3, grad_atol=1e-5)
 FAILURE_DEADLINE_S = 60.0
 
 SINGLE_GPU_CASES = [
-    Case("gpu-t1p1d1-fp32", GPT, _plan(1, 1, 1, m=3)),
-    Case("gpu-t1p1d1-bf16-full", GPT, _plan(1, 1, 1, m=2, recompute="full"), dtype="bf16"),
+    Case("gpu-t1p1d1-fp32", GPT, make_plan(1, 1, 1, m=3)),
+    Case("gpu-t1p1d1-bf16-full", GPT, make_plan(1, 1, 1, m=2, recompute="full"), dtype="bf16"),
 ]
 ALL_CASES = SINGLE_GPU_CASES + CASES + [dataclasses.replace(c, name=c.name.replace("batched", "nccl"))
                                         for c in BATCHED_CASES]
@@ -59,48 +55,13 @@ def _tensors_off_device(trainer, device) -> list[str]:
     return wrong
 
 
-def _run_nccl_cases(rank: int, world_size: int, cases: list[Case], store_dir: str) -> dict:
-    """As tests/dist/test_equivalence._run_cases, on NCCL (the launch made cuda:<rank> current)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    device = torch.device("cuda", torch.cuda.current_device())
-    dist.barrier()
-    dist.destroy_process_group()
-    results = {}
-    for index, case in enumerate(cases):
-        size = case.plan.world_size
-        if rank >= size:
-            continue
-        dist.init_process_group("nccl", init_method=f"file://{store_dir}/case{index}", rank=rank, world_size=size,
-                                timeout=datetime.timedelta(seconds=120))
-        ctx = ParallelContext(ParallelDims.from_plan(case.plan))
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-        config = TrainConfig(case.model, case.plan, STEPS, SEED, case.dtype, "synthetic", progress=False)
-        trainer = RankTrainer(config, ctx, initial_state=_initial_state(case))
-        fp32 = case.dtype == "fp32"
-        initial_state = trainer.full_state_dict() if fp32 else None
-        losses = [trainer.forward_backward(0)]
-        off_device = _tensors_off_device(trainer, ctx.device)
-        events = list(trainer.timeline.events)
-        grads = trainer.full_gradients() if fp32 else None
-        trainer.optimizer_step()
-        losses += [trainer.step(step) for step in range(1, STEPS)]
-        state = trainer.full_state_dict() if fp32 else None
-        report = {"mode": trainer.executor.p2p_mode, "device": str(ctx.device), "off_device": off_device,
-                  "peak": peak_memory_bytes(ctx.device),
-                  "compute_s": sum(e.end - e.start for e in events if e.kind == "compute"),
-                  "bad_events": sum(e.end < e.start for e in events)}
-        reports = [None] * size
-        dist.all_gather_object(reports, report)
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank == 0:
-            results[case.name] = {"losses": losses, "grads": grads, "state": state, "initial_state": initial_state,
-                                  "reports": reports}
-    assert device == torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"file://{store_dir}/final", rank=rank, world_size=world_size)
-    dist.barrier()
-    return results
+def _inspect_on_gpu(trainer, ctx) -> dict:
+    """After step 1's forward-backward: p2p mode, device, stray tensors, peak memory, CUDA-event timeline."""
+    events = list(trainer.timeline.events)
+    return {"mode": trainer.executor.p2p_mode, "device": str(ctx.device),
+            "off_device": _tensors_off_device(trainer, ctx.device), "peak": peak_memory_bytes(ctx.device),
+            "compute_s": sum(e.end - e.start for e in events if e.kind == "compute"),
+            "bad_events": sum(e.end < e.start for e in events)}
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +69,7 @@ def runs():
     if not RUNNABLE:
         pytest.skip("no CUDA device")
     world = max(c.plan.world_size for c in RUNNABLE)
-    with tempfile.TemporaryDirectory() as store_dir:
-        return spawn(_run_nccl_cases, world, (RUNNABLE, store_dir), timeout_s=900, backend="nccl")[0]
+    return launch_cases(RUNNABLE, world, timeout_s=900, backend="nccl", inspect=_inspect_on_gpu)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=[c.name for c in ALL_CASES])
@@ -130,15 +90,7 @@ def test_layout_matches_serial_on_nccl(runs, case):
         if report["compute_s"] <= 0 or report["bad_events"]:
             problems.append(f"rank {rank}: CUDA-event timeline: compute {report['compute_s']} s, "
                             f"{report['bad_events']} events ending before they start")
-    if case.dtype == "fp32":
-        for step, (a, b) in enumerate(zip(got["losses"], want["losses"])):
-            problems += relative_mismatch(f"loss of step {step}", a, b, LOSS_RTOL)
-        problems += dict_mismatches("initial weight ", got["initial_state"], want["initial_state"], 0.0, 0.0)
-        problems += dict_mismatches("grad ", got["grads"], want["grads"], GRAD_RTOL, GRAD_ATOL)
-        problems += dict_mismatches("weight ", got["state"], want["state"], 0.0, WEIGHT_ATOL)
-    else:
-        for step, (a, b) in enumerate(zip(got["losses"], want["losses"])):
-            problems += relative_mismatch(f"bf16 loss of step {step}", a, b, BF16_LOSS_RTOL)
+    problems += training_mismatches(got, want, case, TOLERANCES)
     assert not problems, "\n".join(problems[:12])
 
 

@@ -227,7 +227,8 @@ def test_predicted_busy_time_is_the_cost_models_compute(model_name, full):
     p, m = full.pipeline_parallel, full.num_micro_batches
     work = cost.rank_work(model, cluster, full.tensor_parallel, p, full.micro_batch_size,
                           bool(full.sequence_parallel), full.recompute)
-    expected = [m * (work.compute[0 if r == 0 else 2 if r == p - 1 else 1] + work.tensor_comm) for r in range(p)]
+    expected = [m * (work.compute[index] + work.tensor_comm[index])
+                for index in (0 if r == 0 else 2 if r == p - 1 else 1 for r in range(p))]
     assert predicted.simulation.busy_time == pytest.approx(expected, rel=1e-9)
     assert predicted.step_time_s == pytest.approx(predicted.estimate.step_time_s, rel=0.15)
 

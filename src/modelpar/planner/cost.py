@@ -18,6 +18,9 @@ chunks per pipeline rank) is modelled as
   forward's. The backward re-gathers the sequence-parallel input for the weight gradient;
   Megatron overlaps that with the input-gradient GEMM, so it is not counted, except on CPU ranks
   of a profiled host (`ClusterSpec.host_cores`), where gloo's copies need the cores the GEMM uses.
+  The first rank adds the vocabulary-parallel embedding's all-reduce, the last the output layer's
+  input-gradient all-reduce and the vocabulary-parallel cross-entropy's three small all-reduces
+  (`tensor_comm_edges`).
 - bubble: the schedule's idle share f from the simulation of its real action lists
   (`planner.pipeline`; the equal closed form for long schedules and inside the search):
   bubble = f / (1 - f) x m x (mean rank time per micro-batch), e.g. f = (p - 1)/(m + p - 1) for
@@ -188,6 +191,43 @@ def tensor_comm_per_layer(
     return one_pass, one_pass + backward_extra, one_pass if recompute == "full" else 0.0
 
 
+CROSS_ENTROPY_ALL_REDUCES = 3
+"""Vocabulary-parallel cross-entropy (Megatron-LM `_VocabParallelCrossEntropy`): all-reduces of the
+per-token logit maximum, target logit and sum of exponentials over the tensor group."""
+CROSS_ENTROPY_VALUE_BYTES = 4  # the loss is computed in fp32
+
+
+@functools.lru_cache(maxsize=8192)
+def tensor_comm_edges(
+    model: ModelSpec, cluster: ClusterSpec, micro_batch_size: int, tensor_parallel: int, sequence_parallel: bool,
+) -> tuple[float, float, float, float]:
+    """(embedding forward, embedding backward, head forward, head backward) seconds of the
+    tensor-parallel collectives outside the layers, per micro-batch (Shoeybi et al. 2019 Sec. 3,
+    vocabulary-parallel embedding and output layer):
+
+    - embedding: each rank looks up its vocabulary rows, then the [b, s, h] partial sums are
+      all-reduced (with sequence parallelism reduce-scattered); nothing in the backward;
+    - head: the output layer is column-parallel over the vocabulary: its input is copied forward
+      and its gradient all-reduced backward (sequence parallelism: all-gathered forward,
+      re-gathered for the weight gradient on CPU ranks as in the layers, and reduce-scattered
+      backward); the cross-entropy adds CROSS_ENTROPY_ALL_REDUCES all-reduces of b s fp32
+      values in the forward.
+    """
+    t = tensor_parallel
+    if t == 1:
+        return 0.0, 0.0, 0.0, 0.0
+    link = comm.tensor_link(cluster, t)
+    tokens = micro_batch_size * model.seq_length
+    activation = tokens * model.hidden_size * compute.value_bytes(cluster.device)
+    loss = CROSS_ENTROPY_ALL_REDUCES * comm.all_reduce_time(tokens * CROSS_ENTROPY_VALUE_BYTES, t, link)
+    if sequence_parallel:
+        gather = comm.all_gather_time(activation, t, link)
+        regather = gather if cluster.host_cores is not None else 0.0
+        return (comm.reduce_scatter_time(activation, t, link), 0.0, gather + loss,
+                regather + comm.reduce_scatter_time(activation, t, link))
+    return comm.all_reduce_time(activation, t, link), 0.0, loss, comm.all_reduce_time(activation, t, link)
+
+
 @functools.lru_cache(maxsize=8192)
 def p2p_per_transfer(
     model: ModelSpec, cluster: ClusterSpec, micro_batch_size: int, tensor_parallel: int, pipeline_parallel: int,
@@ -211,14 +251,14 @@ def p2p_per_transfer(
 class RankWork:
     """Seconds per micro-batch of the first, a middle and the last pipeline rank (all chunks):
     compute (incl. recomputation, embedding, head), recomputation alone, embedding + head alone,
-    tensor-parallel communication (the same on every rank), and the first rank's forward and
+    tensor-parallel communication (layers, + embedding on the first, + head on the last), and the first rank's forward and
     backward (incl. recomputation and tensor-parallel communication), the windows that hide
     data-parallel communication."""
 
     compute: tuple[float, float, float]
     recompute: float
     edges: tuple[float, float, float]
-    tensor_comm: float
+    tensor_comm: tuple[float, float, float]
     first_forward: float
     first_backward: float
 
@@ -240,15 +280,21 @@ def rank_work(
     head_fwd, head_bwd = compute.head_compute(model, device, b, t, sp)
     head = head_fwd + head_bwd
     edges = (embed_fwd + embed_bwd + (head if p == 1 else 0.0), 0.0, head)
-    first_forward = layers * (layer.forward_s + tp_fwd) + embed_fwd + (head_fwd if p == 1 else 0.0)
-    first_backward = layers * (layer.backward_s + layer.recompute_s + tp_bwd + tp_rc) + embed_bwd
+    comm_embed_fwd, comm_embed_bwd, comm_head_fwd, comm_head_bwd = tensor_comm_edges(model, cluster, b, t, sp)
+    layer_comm = layers * (tp_fwd + tp_bwd + tp_rc)
+    head_comm = comm_head_fwd + comm_head_bwd
+    first_forward = (layers * (layer.forward_s + tp_fwd) + embed_fwd + comm_embed_fwd
+                     + (head_fwd + comm_head_fwd if p == 1 else 0.0))
+    first_backward = (layers * (layer.backward_s + layer.recompute_s + tp_bwd + tp_rc) + embed_bwd + comm_embed_bwd
+                      + (head_bwd + comm_head_bwd if p == 1 else 0.0))
     return RankWork(
         compute=tuple(body + edge for edge in edges),
         recompute=layers * layer.recompute_s,
         edges=edges,
-        tensor_comm=layers * (tp_fwd + tp_bwd + tp_rc),
+        tensor_comm=(layer_comm + comm_embed_fwd + comm_embed_bwd + (head_comm if p == 1 else 0.0), layer_comm,
+                     layer_comm + head_comm),
         first_forward=first_forward,
-        first_backward=first_backward + (head_bwd if p == 1 else 0.0),
+        first_backward=first_backward,
     )
 
 
@@ -328,10 +374,10 @@ def step_time_parts(
     sp = sp and t > 1
     work = rank_work(model, cluster, t, p, b, sp, recompute)
     bubble_fraction = pipeline_profile(schedule, p, m, v, simulate)[0]
-    totals = [c + work.tensor_comm for c in work.compute]
+    totals = [c + comm_s for c, comm_s in zip(work.compute, work.tensor_comm)]
     slowest = max(range(3), key=totals.__getitem__) if p > 1 else 0
     compute_s = m * work.compute[slowest]
-    tensor_comm_s = m * work.tensor_comm
+    tensor_comm_s = m * work.tensor_comm[slowest]
     bubble_s = 0.0
     if p > 1:
         mean_rank = (totals[0] + (p - 2) * totals[1] + totals[2]) / p
@@ -341,7 +387,8 @@ def step_time_parts(
     if cluster.shares_cores(t * p * d):  # more CPU ranks than cores: processor sharing
         shared = shared_host.step_under_sharing(
             model, cluster.device, t, p, d, v, b, m, sp, recompute, schedule,
-            tensor_comm_per_layer(model, cluster, b, t, sp, recompute), p2p_per_transfer(model, cluster, b, t, p, sp),
+            tensor_comm_per_layer(model, cluster, b, t, sp, recompute), tensor_comm_edges(model, cluster, b, t, sp),
+            p2p_per_transfer(model, cluster, b, t, p, sp),
             cluster.host_cores)
         busiest = max(range(p), key=shared.compute_wall.__getitem__)
         compute_s, tensor_comm_s = shared.compute_wall[busiest], shared.communication[busiest]

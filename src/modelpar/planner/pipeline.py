@@ -326,21 +326,16 @@ def _rank_program(rank, codes, duration, layout, ended, began, waiter, ready, la
         if code & 1:  # backward: needs the own forward (run earlier here, so done by t), then the gradient
             if own[code - 1] < 0:
                 yield rank, code - 1  # the forward comes later in this same list: never resumed, a deadlock
-            if code < backward_limit:
-                needed = code + backward_shift
-                done = following[needed]
-                if done < 0:
-                    yield next_rank, needed
-                    done = following[needed]
-                done += lag
-                if done > start:
-                    start = done
-        elif code >= forward_shift:  # forward after the first stage: needs the previous stage's activation
-            needed = code - forward_shift
-            done = previous[needed]
+            neighbour, neighbour_ended, needed = next_rank, following, code + backward_shift
+            needs_neighbour = code < backward_limit
+        else:  # forward: needs the previous stage's activation
+            neighbour, neighbour_ended, needed = previous_rank, previous, code - forward_shift
+            needs_neighbour = code >= forward_shift
+        if needs_neighbour:  # not the first stage's forward nor the last stage's backward
+            done = neighbour_ended[needed]
             if done < 0:
-                yield previous_rank, needed
-                done = previous[needed]
+                yield neighbour, needed
+                done = neighbour_ended[needed]
             done += lag
             if done > start:
                 start = done

@@ -125,11 +125,12 @@ def simulate_shared(actions: Sequence[Sequence[Action]], work: WorkFn, communica
 @functools.lru_cache(maxsize=4096)
 def step_under_sharing(model: ModelSpec, device: DeviceSpec, t: int, p: int, d: int, v: int, b: int, m: int,
                        sp: bool, recompute: str, schedule: str, tensor_comm: tuple[float, float, float],
-                       p2p_s: float, cores: int) -> SharedStep:
+                       edge_comm: tuple[float, float, float, float], p2p_s: float, cores: int) -> SharedStep:
     """Processor-sharing step of a complete plan: per action, the cost model's solo compute on
     `device` (`compute.layer_compute` x layers of the chunk, + the embedding on global stage 0 and
     the head on the last) and its tensor-parallel collectives (`tensor_comm`: per layer forward,
-    backward, recomputation seconds, `cost.tensor_comm_per_layer`)."""
+    backward, recomputation seconds, `cost.tensor_comm_per_layer`; `edge_comm`: the embedding's
+    and head's forward and backward seconds, `cost.tensor_comm_edges`)."""
     layer = compute.layer_compute(model, device, b, t, sp, recompute)
     embed_fwd, embed_bwd = compute.embedding_compute(model, device, b, t, sp)
     head_fwd, head_bwd = compute.head_compute(model, device, b, t, sp)
@@ -146,7 +147,13 @@ def step_under_sharing(model: ModelSpec, device: DeviceSpec, t: int, p: int, d: 
 
     def communication(rank: int, action: Action) -> float:
         forward, backward, recomputed = tensor_comm
-        return layers * (forward if action.kind == FORWARD else backward + recomputed)
+        embed_fwd_comm, embed_bwd_comm, head_fwd_comm, head_bwd_comm = edge_comm
+        stage = global_stage(rank, action.chunk, p)
+        if action.kind == FORWARD:
+            seconds = layers * forward
+            return seconds + (embed_fwd_comm if stage == 0 else 0.0) + (head_fwd_comm if stage == last else 0.0)
+        seconds = layers * (backward + recomputed)
+        return seconds + (embed_bwd_comm if stage == 0 else 0.0) + (head_bwd_comm if stage == last else 0.0)
 
     actions = build_schedule(schedule, p, m, v)
     return simulate_shared(actions, work, communication, p2p_s, t * d, cores)

@@ -3,7 +3,7 @@
 One bar per pipeline stage from `planner.memory.memory_per_device(..., stage=r)`: parameters,
 gradients, optimizer states, stored activations and the embedding/logits buffers, in GiB, with
 the device capacity as a horizontal line and each bar's total above it (red when it does not
-fit). matplotlib is imported inside the function (Agg backend).
+fit). matplotlib is imported inside the function (Agg backend, `report.figures`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from modelpar.report.figures import BYTE_UNITS, format_with_unit, pyplot, readable_unit, save_figure
+
 GIB = 2**30
 CAPACITY_SCALE_LIMIT = 20.0  # draw the capacity line only when the fullest stage reaches 1/20 of it
-_BYTE_UNITS = ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
 COMPONENTS = (  # (MemoryBreakdown field, legend label, colour)
     ("parameters", "parameters", "#4575b4"),
     ("gradients", "gradients", "#91bfdb"),
@@ -32,11 +33,7 @@ def memory_png(
     than 1/20 of it). Returns the path (parent folders created)."""
     if not breakdowns:
         raise ValueError("memory_png: no memory breakdowns to draw")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = list(stage_labels) if stage_labels is not None else [f"stage {k}" for k in range(len(breakdowns))]
     if len(labels) != len(breakdowns):
         raise ValueError(f"memory_png: {len(labels)} stage labels for {len(breakdowns)} breakdowns")
@@ -45,7 +42,7 @@ def memory_png(
     # Bars far below the capacity would be invisible on its scale: draw them on their own scale
     # and name the capacity in the legend instead of drawing its line.
     capacity_on_scale = capacity_bytes <= CAPACITY_SCALE_LIMIT * peak_bytes
-    scale, unit = _byte_unit(max(peak_bytes, capacity_bytes) if capacity_on_scale else peak_bytes)
+    scale, unit = readable_unit(max(peak_bytes, capacity_bytes) if capacity_on_scale else peak_bytes, BYTE_UNITS)
     capacity = capacity_bytes / scale
     totals = [b.total / scale for b in breakdowns]
     positions = range(len(breakdowns))
@@ -80,20 +77,8 @@ def memory_png(
     order = [len(handles) - 1] + list(range(len(handles) - 2, -1, -1))
     axes.legend([handles[k] for k in order], [legend_labels[k] for k in order], loc="upper left",
                 bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(figure)
-    return path
-
-
-def _byte_unit(num_bytes: float) -> tuple[float, str]:
-    for scale, unit in _BYTE_UNITS:
-        if num_bytes >= scale:
-            return scale, unit
-    return _BYTE_UNITS[-1]
+    return save_figure(figure, path, dpi)
 
 
 def _format_bytes(num_bytes: float) -> str:
-    scale, unit = _byte_unit(num_bytes)
-    return f"{num_bytes / scale:.3g} {unit}"
+    return format_with_unit(num_bytes, BYTE_UNITS)

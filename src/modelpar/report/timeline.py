@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelpar.report.figures import TIME_UNITS, format_with_unit, pyplot, readable_unit, save_figure
+
 FORWARD_KIND = "forward"
 BACKWARD_KIND = "backward"
 COMPUTE_KINDS = (FORWARD_KIND, BACKWARD_KIND)
@@ -60,7 +62,6 @@ LEGEND_NAMES = {
 }
 _ACTION_PATTERN = re.compile(r"^([FB])\(chunk (\d+), micro-batch (\d+)\)$")  # str(schedules.Action)
 THREAD_NAMES = ("compute", "communication")  # Chrome trace tid 0, 1
-_TIME_UNITS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs"))
 
 
 @dataclass(frozen=True)
@@ -235,15 +236,11 @@ def event_colour(event: TimelineEvent) -> str:
 
 def time_unit(seconds: float) -> tuple[float, str]:
     """(scale, unit) so that `seconds / scale` reads naturally: s, ms or µs."""
-    for scale, unit in _TIME_UNITS:
-        if seconds >= scale:
-            return scale, unit
-    return _TIME_UNITS[-1]
+    return readable_unit(seconds, TIME_UNITS)
 
 
 def format_duration(seconds: float) -> str:
-    scale, unit = time_unit(seconds)
-    return f"{seconds / scale:.3g} {unit}"
+    return format_with_unit(seconds, TIME_UNITS)
 
 
 def describe_timeline(events: Sequence[TimelineEvent]) -> str:
@@ -265,7 +262,7 @@ def gantt_png(
     hue per model chunk, labelled with the micro-batch when wide enough; transfers as a thin grey
     strip, gradient all-reduce and optimizer in their own colours; white gaps are idle time. The
     title gets the bubble fraction and makespan. Returns the path (parent folders created)."""
-    plt = _pyplot()
+    plt = pyplot()
     ranks = _ranks(events)
     figure, axes = plt.subplots(figsize=(FIGURE_WIDTH_IN, _panel_height(len(ranks)) + 0.9))
     origin, end = timeline_span(events)
@@ -275,7 +272,7 @@ def gantt_png(
     headline = describe_timeline(events)
     axes.set_title(f"{title}\n{headline}" if title else headline, fontsize=11)
     _legend(axes, [events], labelled > 0)
-    return _save(figure, path, dpi)
+    return save_figure(figure, path, dpi)
 
 
 def side_by_side_png(
@@ -290,7 +287,7 @@ def side_by_side_png(
     """Predicted (top) and measured (bottom) Gantt panels, each starting at its own first event,
     on one shared time axis (or, with `share_time_axis=False`, each on its own, for timelines of
     very different lengths); each panel's title gives its bubble fraction and makespan."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = (("predicted", predicted_events), ("measured", measured_events))
     ranks = [_ranks(events) for _, events in panels]
     heights = [_panel_height(len(r)) for r in ranks]
@@ -311,16 +308,7 @@ def side_by_side_png(
     if title:
         figure.suptitle(title, fontsize=12)
     _legend(axes_pair[0], [events for _, events in panels], labelled > 0)
-    return _save(figure, path, dpi)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return save_figure(figure, path, dpi)
 
 
 def _ranks(events: Sequence[TimelineEvent]) -> list[int]:
@@ -402,13 +390,3 @@ def _legend(axes, event_lists: Sequence[Sequence[TimelineEvent]], labelled: bool
     handles.append(Patch(facecolor=IDLE_COLOUR, edgecolor="#999999", linewidth=0.5, label="idle"))
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False,
                 title="numbers: micro-batch" if labelled else None, title_fontsize=8)
-
-
-def _save(figure, path: str | Path, dpi: int) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(figure)
-    return path

@@ -10,9 +10,11 @@ Each forward collective's backward is its dual, and every function takes its ``g
     all_gather_sequence       all-gather / reduce-scatter   along dim 1 (sequence parallel g)
     reduce_scatter_sequence   reduce-scatter / all-gather   along dim 1 (sequence parallel g-bar)
 
-On a group of size 1 every function is the identity. Outputs never alias inputs that autograd
-may still hold, at the price of a copy, except `reduce_from_tensor_region_in_place`, which is for
-callers whose input is a fresh temporary (a row-parallel matmul's output) and saves that copy.
+Each pair is data (`_DualPair`: a forward collective, its backward, and `dual()` swapping the two)
+run by one autograd Function. On a group of size 1 every function is the identity. Outputs never
+alias inputs that autograd may still hold, at the price of a copy, except
+`reduce_from_tensor_region_in_place`, which is for callers whose input is a fresh temporary (a
+row-parallel matmul's output) and saves that copy.
 
 The ``start_*`` helpers launch a collective with ``async_op=True`` and return a `PendingCollective`
 whose ``wait()`` gives the result, so that a backward pass can compute while the communication
@@ -22,6 +24,8 @@ runs (Megatron-LM's overlap of the tensor-parallel collectives with the weight-g
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -33,10 +37,19 @@ def _size(group) -> int:
     return dist.get_world_size(group)
 
 
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x.view_as(x)
+
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     out = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(out, group=group)
     return out
+
+
+def _all_reduce_in_place(x: torch.Tensor, group) -> torch.Tensor:
+    dist.all_reduce(x, group=group)
+    return x
 
 
 class PendingCollective:
@@ -68,19 +81,21 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return start_all_gather(x, dim, group).wait()
 
 
-def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+def _split(x: torch.Tensor, dim: int, group) -> tuple[torch.Tensor, ...]:
+    """``x`` cut into one equal chunk per rank along ``dim``."""
     world = _size(group)
     if x.shape[dim] % world:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split evenly over {world} ranks")
-    return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
+    return x.chunk(world, dim=dim)
+
+
+def _chunk(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return _split(x, dim, group)[dist.get_rank(group)].contiguous()
 
 
 def start_reduce_scatter(x: torch.Tensor, dim: int, group) -> PendingCollective:
     """This rank's chunk along ``dim`` of the sum of every rank's ``x``, asynchronously."""
-    world = _size(group)
-    if x.shape[dim] % world:
-        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split evenly over {world} ranks")
-    chunks = [c.contiguous() for c in x.chunk(world, dim=dim)]
+    chunks = [c.contiguous() for c in _split(x, dim, group)]
     out = torch.empty_like(chunks[0])
     try:
         work = dist.reduce_scatter(out, chunks, group=group, async_op=True)
@@ -96,91 +111,55 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return start_reduce_scatter(x, dim, group).wait()
 
 
-class _CopyToTensorRegion(torch.autograd.Function):
+@dataclass(frozen=True)
+class _DualPair:
+    """A collective and its dual: ``forward(x, group=group)`` on the input, ``backward(grad,
+    group=group)`` on the output's gradient. ``in_place``: ``forward`` overwrites its input and
+    returns it (autograd is told, so it refuses to reuse the overwritten tensor)."""
+
+    forward: Callable[..., torch.Tensor]
+    backward: Callable[..., torch.Tensor]
+    in_place: bool = False
+
+    def dual(self) -> _DualPair:
+        """The same two collectives with their directions swapped (f -> g, all-gather -> reduce-scatter)."""
+        return _DualPair(forward=self.backward, backward=self.forward)
+
+    def __call__(self, x: torch.Tensor, group) -> torch.Tensor:
+        return x if _size(group) == 1 else _DualFunction.apply(x, group, self)
+
+
+class _DualFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromTensorRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _ReduceFromTensorRegionInPlace(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.mark_dirty(x)
-        dist.all_reduce(x, group=group)
-        return x
+    def forward(ctx, x, group, pair: _DualPair):
+        if pair.in_place:
+            ctx.mark_dirty(x)
+        ctx.group, ctx.pair = group, pair
+        return pair.forward(x, group=group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return ctx.pair.backward(grad, group=ctx.group), None, None
 
 
-class _ScatterLastDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _chunk(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, -1, ctx.group), None
-
-
-class _GatherLastDim(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _chunk(grad, -1, ctx.group), None
-
-
-class _AllGatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, SEQUENCE_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, SEQUENCE_DIM, ctx.group), None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, SEQUENCE_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, SEQUENCE_DIM, ctx.group), None
+_COPY = _DualPair(forward=_identity, backward=_all_reduce)  # f
+_REDUCE = _COPY.dual()  # g
+_REDUCE_IN_PLACE = _DualPair(forward=_all_reduce_in_place, backward=_identity, in_place=True)
+_SCATTER_LAST_DIM = _DualPair(forward=partial(_chunk, dim=-1), backward=partial(_all_gather, dim=-1))
+_GATHER_LAST_DIM = _SCATTER_LAST_DIM.dual()
+_GATHER_SEQUENCE = _DualPair(forward=partial(_all_gather, dim=SEQUENCE_DIM),
+                             backward=partial(_reduce_scatter, dim=SEQUENCE_DIM))
+_REDUCE_SCATTER_SEQUENCE = _GATHER_SEQUENCE.dual()
 
 
 def copy_to_tensor_region(x: torch.Tensor, group) -> torch.Tensor:
     """f: identity forward, all-reduce (sum) of the gradient backward. Enters a column-parallel region."""
-    return x if _size(group) == 1 else _CopyToTensorRegion.apply(x, group)
+    return _COPY(x, group)
 
 
 def reduce_from_tensor_region(x: torch.Tensor, group) -> torch.Tensor:
     """g: all-reduce (sum) forward, identity backward. Leaves a row-parallel region."""
-    return x if _size(group) == 1 else _ReduceFromTensorRegion.apply(x, group)
+    return _REDUCE(x, group)
 
 
 def reduce_from_tensor_region_in_place(x: torch.Tensor, group) -> torch.Tensor:
@@ -190,31 +169,27 @@ def reduce_from_tensor_region_in_place(x: torch.Tensor, group) -> torch.Tensor:
     save (a matmul's or a masked fill's output): the reduction overwrites it, saving the clone of
     `reduce_from_tensor_region`. ``x`` must be contiguous; otherwise the copying version is used.
     """
-    if _size(group) == 1:
-        return x
-    if not x.is_contiguous():
-        return _ReduceFromTensorRegion.apply(x, group)
-    return _ReduceFromTensorRegionInPlace.apply(x, group)
+    return (_REDUCE_IN_PLACE if x.is_contiguous() else _REDUCE)(x, group)
 
 
 def scatter_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's chunk of the last dim forward; all-gather the gradient backward."""
-    return x if _size(group) == 1 else _ScatterLastDim.apply(x, group)
+    return _SCATTER_LAST_DIM(x, group)
 
 
 def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather chunks along the last dim forward (rank order); keep this rank's gradient chunk backward."""
-    return x if _size(group) == 1 else _GatherLastDim.apply(x, group)
+    return _GATHER_LAST_DIM(x, group)
 
 
 def all_gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """[b, s/t, h] -> [b, s, h] forward; reduce-scatter (sum) of the gradient backward."""
-    return x if _size(group) == 1 else _AllGatherSequence.apply(x, group)
+    return _GATHER_SEQUENCE(x, group)
 
 
 def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """[b, s, h] partial sums -> [b, s/t, h] reduced shard forward; all-gather of the gradient backward."""
-    return x if _size(group) == 1 else _ReduceScatterSequence.apply(x, group)
+    return _REDUCE_SCATTER_SEQUENCE(x, group)
 
 
 def split_sequence(x: torch.Tensor, group) -> torch.Tensor:
