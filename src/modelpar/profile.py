@@ -34,7 +34,8 @@ operation repeatedly for a fixed time, so time slices of an oversubscribed host 
   estimate: a block of layer norm, GELU and softmax (forward and backward) over a few sizes,
   fitted to (values the cost model counts for it x bytes) / W + c. Then the calibration that is
   used: the runtime's own TransformerLayer, forward and backward, for a few reference shapes
-  (`REFERENCE_LAYERS`: not the models one trains), and W chosen so that `compute.layer_compute`
+  (`REFERENCE_LAYERS`: not the models one trains; each timed inside a stack of REFERENCE_STACK
+  distinct layers, so its weights come from memory as in a model), and W chosen so that `compute.layer_compute`
   with the measured GEMM rates and per-op overhead reproduces them (`fit_layer_bandwidth`; not
   with --fast, which keeps the block's figure) ->
   `memory_bandwidth_gb_per_s` = W, the effective rate of the memory-bound kernels of the cost
@@ -117,6 +118,8 @@ GPU_LINEAR_SHAPES = (
 )
 GPU_BATCHED_SHAPES = ((64, 1024, 64), (128, 1024, 128), (64, 2048, 128))
 GPU_ELEMENTWISE_SIZES = (2**22, 2**24, 2**26)
+REFERENCE_STACK = 8
+"""Distinct layers a reference layer is timed among (`_measure_reference_layers`)."""
 GPU_REFERENCE_LAYERS = ((1024, 16, 4096, 1024, 4), (2048, 16, 8192, 1024, 2), (768, 12, 3072, 2048, 4))
 GPU_DROPOUT_SHAPES = ((4, 16, 1024, 1024), (4, 1024, 1024), (4, 1024, 1024))
 COLLECTIVE_BYTES = (2**12, 2**16, 2**18, 2**20, 2**22)
@@ -363,8 +366,12 @@ def dropped_elements(hidden: int, heads: int, seq: int, batch: int) -> int:
 
 
 def _measure_reference_layers(bench: _Bench) -> list[tuple[float, float]]:
-    """(seconds without dropout, seconds with dropout 0.1) of forward + backward of each reference
-    layer (the runtime's own TransformerLayer); none with --fast."""
+    """(seconds without dropout, seconds with dropout 0.1) of forward + backward of one reference
+    layer (the runtime's own TransformerLayer), measured as a model runs its layers: a stack of
+    REFERENCE_STACK distinct layers, forward through all then backward through all, divided by
+    the count. (One layer repeated keeps its weights and activations in cache; in a model each
+    layer's weights were evicted by the other layers since its last use, which costs 3-16% on a
+    CPU with these shapes.) None with --fast."""
     from modelpar.models.gpt import DropoutKey, TransformerLayer
 
     seconds = []
@@ -372,10 +379,17 @@ def _measure_reference_layers(bench: _Bench) -> list[tuple[float, float]]:
         pair = []
         for dropout in (0.0, 0.1):
             spec = reference_layer_spec(hidden, heads, mlp, seq, dropout)
-            layer = TransformerLayer(spec, 0).to(bench.device, bench.dtype)
+            layers = [TransformerLayer(spec, index).to(bench.device, bench.dtype) for index in range(REFERENCE_STACK)]
             x, grad = bench.tensor(batch, seq, hidden, grad=True), bench.tensor(batch, seq, hidden)
             key = DropoutKey(0, 0)
-            pair.append(bench.seconds_per_call(lambda: layer(x, key).backward(grad)))
+
+            def stack():
+                hidden_states = x
+                for layer in layers:
+                    hidden_states = layer(hidden_states, key)
+                hidden_states.backward(grad)
+
+            pair.append(bench.seconds_per_call(stack) / REFERENCE_STACK)
         seconds.append(tuple(pair))
     return seconds
 

@@ -7,9 +7,14 @@ One step on every rank:
 2. `PipelineExecutor` runs the rank's schedule actions (forward/backward of its chunks, p2p);
    data-parallel buckets are all-reduced from gradient hooks during the last backward of each chunk;
 3. gradient synchronisation: wait for the buckets; sum the tied word-embedding gradient of the
-   first and last stage (p > 1); sum sequence-parallel / replicated-KV gradients over the tensor group;
+   first and last stage (p > 1); sum sequence-parallel / replicated-KV gradients over the tensor group
+   (bf16: all of it on fp32 main gradients, `runtime.precision.MainGradients`);
 4. the step's loss, mean over the global batch, is all-reduced to every rank;
-5. optimizer step (AdamW; ZeRO-1 shards it over the data group; bf16 keeps fp32 master weights).
+5. optimizer step: ZeRO-1 reduce-scatters the gradients; the global gradient norm (every serial
+   parameter counted once, `runtime.grad_norm`) is logged and, with a clip, the gradients are scaled
+   to it; the learning rate comes from the schedule (`runtime.lr_schedule`: warmup, then constant,
+   linear or cosine decay); AdamW (ZeRO-1 shards it over the data group; bf16 keeps fp32 master
+   weights) decays weight matrices and embeddings but not biases and norm weights.
 
 This module imports torch only inside functions, so `modelpar --help` and `modelpar plan` start fast.
 The command line (`modelpar train`, contract in DESIGN.md) is `add_train_arguments` + `train_command`.
@@ -32,6 +37,8 @@ DEFAULT_STEPS = 20
 DEFAULT_MICRO_BATCH_SIZE = 2
 DEFAULT_LEARNING_RATE = 3e-3
 DEFAULT_WEIGHT_DECAY = 0.1
+DEFAULT_CLIP_GRAD = 0.0
+"""Gradient clipping is off by default (0); Megatron-LM's default is 1.0 (`--clip-grad 1.0`)."""
 RUNTIME_ZERO_STAGES = (0, 1)
 CRASH_RANK_ENV = "MODELPAR_CRASH_RANK"
 """Fault injection for tests: the rank named here exits abruptly (os._exit) at the start of step 1."""
@@ -54,6 +61,21 @@ class TrainConfig:
     crash_rank: int | None = None
     load_checkpoint: str | None = field(default=None, metadata={"doc": "start from this serial-layout checkpoint"})
     save_checkpoint: str | None = field(default=None, metadata={"doc": "write the final weights here (serial layout)"})
+    clip_grad: float = field(default=DEFAULT_CLIP_GRAD, metadata={"doc": "max global gradient norm; 0: no clipping"})
+    lr_warmup_steps: int = field(default=0, metadata={"doc": "linear warmup steps (`runtime.lr_schedule`)"})
+    lr_decay_style: str = field(default="constant", metadata={"doc": "after warmup: constant | linear | cosine"})
+    lr_decay_steps: int | None = field(default=None, metadata={"doc": "step where decay ends; None: `steps`"})
+    min_learning_rate: float = field(default=0.0, metadata={"doc": "floor of the linear / cosine decay"})
+    decay_norms_and_biases: bool = field(default=False, metadata={
+        "doc": "False (Megatron-LM / nanoGPT convention): weight decay on weight matrices and embeddings, "
+               "not on biases and norm weights; True: on every parameter"})
+
+    @property
+    def lr_schedule(self):
+        from modelpar.runtime.lr_schedule import LearningRateSchedule
+
+        return LearningRateSchedule(self.learning_rate, self.lr_warmup_steps, self.lr_decay_style,
+                                    self.lr_decay_steps, self.min_learning_rate)
 
 
 def complete_plan(plan: ParallelPlan) -> ParallelPlan:
@@ -89,10 +111,19 @@ def validate_training(config: TrainConfig) -> None:
     PrecisionPolicy(config.dtype)
     if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps < 1:
         raise SpecError(f"--steps must be a positive integer, got {config.steps!r}")
+    config.lr_schedule.check(config.steps)
+    if not _is_real(config.clip_grad) or not 0 <= config.clip_grad < float("inf"):
+        raise SpecError(f"--clip-grad must be a finite number >= 0 (0 turns clipping off), got {config.clip_grad!r}")
+    if not _is_real(config.weight_decay) or not 0 <= config.weight_decay < float("inf"):
+        raise SpecError(f"--weight-decay must be a finite number >= 0, got {config.weight_decay!r}")
     source = make_token_source(config.data_path, model.vocab_size, config.seed)
     source.global_batch(0, 1, model.seq_length)  # a text shorter than one sequence fails here
     if config.load_checkpoint is not None:
         _check_checkpoint_matches(config.load_checkpoint, model)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_checkpoint_matches(path: str, model: ModelSpec) -> None:
@@ -126,10 +157,10 @@ class RankTrainer:
         from modelpar.runtime.data_parallel import GradientReducer
         from modelpar.runtime.pipeline import (PipelineExecutor, PipelineTopology, Timeline, build_chunks,
                                                tied_parameters)
-        from modelpar.runtime.precision import PrecisionPolicy
+        from modelpar.runtime.precision import MainGradients, PrecisionPolicy
         from modelpar.runtime.recompute import apply_recompute
         from modelpar.runtime.schedules import build_schedule
-        from modelpar.runtime.zero import AdamW, ZeroOneAdamW
+        from modelpar.runtime.zero import AdamW, ZeroOneAdamW, decay_everything, decay_matrices
 
         self.config, self.ctx = config, ctx
         plan, spec = config.plan, config.model
@@ -138,6 +169,7 @@ class RankTrainer:
         self.num_micro_batches = m = plan.num_micro_batches
         self.policy = PrecisionPolicy(config.dtype)
         self.source = make_token_source(config.data_path, spec.vocab_size, config.seed)
+        self.lr_schedule = config.lr_schedule
 
         serial = init_gpt(spec, config.seed)
         if initial_state is not None:
@@ -152,17 +184,21 @@ class RankTrainer:
         del model, serial
 
         params = list(self.modules.parameters())
-        adamw = dict(lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=config.weight_decay)
+        adamw = dict(lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8, weight_decay=config.weight_decay,
+                     decays=decay_everything if config.decay_norms_and_biases else decay_matrices)
         self.zero = plan.zero_stage >= 1 and d > 1
         if self.zero or self.policy.mixed:  # fp32 master weights captured before the bf16 cast
             self.optimizer = ZeroOneAdamW(params, ctx.data_group if self.zero else None, **adamw)
         else:
             self.optimizer = AdamW(params, **adamw)
         self.policy.cast_model(self.modules)
+        # bf16: micro-batch gradients accumulate in fp32 main_grad; hooks registered before the reducers'
+        self.main_grads = MainGradients(params) if self.policy.mixed else None
         self.reducers = None
         if d > 1 and not self.zero:
             self.reducers = [GradientReducer(list(chunk.parameters()), ctx.data_group, config.bucket_bytes)
                              for chunk in self.chunks]
+        self._init_grad_norm()
 
         local_seq = spec.seq_length // t if (plan.sequence_parallel and t > 1) else spec.seq_length
         self.timeline = Timeline()
@@ -172,6 +208,20 @@ class RankTrainer:
             (plan.micro_batch_size, local_seq, spec.hidden_size), self.policy.compute_dtype, ctx.device,
             grad_reducers=self.reducers, loss_fn=self.policy.loss_for_backward, timeline=self.timeline,
         )
+
+    def _init_grad_norm(self) -> None:
+        """Counting weights of this rank's gradient elements in the global norm (`runtime.grad_norm`),
+        and the group that sums them: the world under ZeRO-1 (disjoint shards), else the model group
+        (the data replicas hold the same averaged gradients)."""
+        from modelpar.models.parallelize import shard_layouts_by_parameter
+        from modelpar.runtime.grad_norm import norm_ranges
+
+        counted_elsewhere = self.tied_params if self.ctx.pipeline_rank != 0 else []  # the last stage's copy
+        self.norm_ranges = norm_ranges(self.optimizer.params, shard_layouts_by_parameter(self.modules),
+                                       self.ctx.tensor_rank, counted_elsewhere)
+        self.norm_group = None if self.zero else self.ctx.model_group
+        self.grad_norms: list[float] = []
+        self.learning_rates: list[float] = []
 
     def _embedding_group(self, dist):
         """Process group {pipeline rank 0, pipeline rank p-1} of this rank's (data, tensor) coordinates,
@@ -219,10 +269,25 @@ class RankTrainer:
         dist.all_reduce(contribution)
         return float(contribution.item())
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self) -> float:
+        """Reduce (ZeRO-1), measure the global gradient norm, clip, set the scheduled learning rate,
+        step and clear the gradients. Returns the norm before clipping (also in `grad_norms`)."""
+        from modelpar.runtime.grad_norm import clip_factor, global_grad_norm
+
         with self.timeline.span("optimizer", "optimizer"):
+            self.optimizer.reduce_gradients()
+            norm = global_grad_norm(self.optimizer.gradient_pieces(), self.norm_ranges, self.norm_group,
+                                    self.ctx.device)
+            if self.config.clip_grad > 0:
+                factor = clip_factor(norm, self.config.clip_grad)
+                if factor < 1.0:
+                    self.optimizer.scale_gradients(factor)
+            self.optimizer.lr = self.lr_schedule.at(self.optimizer.steps, self.config.steps)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        self.grad_norms.append(norm)
+        self.learning_rates.append(self.optimizer.lr)
+        return norm
 
     def step(self, step: int) -> float:
         loss = self.forward_backward(step)
@@ -239,22 +304,26 @@ class RankTrainer:
     def full_gradients(self):
         """Serial gradients on global rank 0 after `forward_backward` (None elsewhere). With ZeRO the
         data-parallel mean is taken here, on a copy (the optimizer reduce-scatters the originals). Collective."""
-        import torch
-
         from modelpar.runtime.checkpoint import gather_full_gradients
-        from modelpar.runtime.data_parallel import all_reduce_gradients
+        from modelpar.runtime.data_parallel import all_reduce_gradients, default_grad_of, set_grad
 
         saved = None
         if self.zero:
             params = list(self.modules.parameters())
-            saved = [None if p.grad is None else p.grad.clone() for p in params]
+            saved = [None if default_grad_of(p) is None else default_grad_of(p).clone() for p in params]
             all_reduce_gradients(params, self.ctx.data_group)
         grads = gather_full_gradients(self.chunks, self.ctx, self.tied)
         if saved is not None:
-            with torch.no_grad():
-                for param, grad in zip(params, saved):
-                    param.grad = grad
+            for param, grad in zip(params, saved):
+                if grad is not None:
+                    set_grad(param, grad)
         return grads
+
+    def state_tensors(self) -> list:
+        """Gradient-side buffers beyond ``.grad`` (bucket buffers, fp32 main gradients), for the
+        memory accounting of `runtime.instrument.model_state_bytes`."""
+        main = [p.main_grad for p in self.main_grads.params if p.main_grad is not None] if self.main_grads else []
+        return [*(self.reducers or ()), main]
 
 
 # --- measurements -----------------------------------------------------------------------------------
@@ -333,7 +402,7 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
             loss = trainer.forward_backward(step)
             if states is None:  # gradients exist now and the optimizer has not cleared them
                 pause = time.perf_counter()
-                states = model_state_bytes(trainer.modules, trainer.optimizer, trainer.reducers)
+                states = model_state_bytes(trainer.modules, trainer.optimizer, trainer.state_tensors())
                 start += time.perf_counter() - pause
             trainer.optimizer_step()
             if trainer.ctx.device.type == "cuda":  # step time must include the GPU's queued work
@@ -350,7 +419,8 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
                 totals[event.kind] = totals.get(event.kind, 0.0) + event.end - event.start
             events.clear()
             if bar is not None:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_per_s=f"{tokens / step_times[-1]:.0f}")
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", grad_norm=f"{trainer.grad_norms[-1]:.3g}",
+                                tok_per_s=f"{tokens / step_times[-1]:.0f}")
                 bar.update(1)
     if bar is not None:
         bar.close()
@@ -365,7 +435,8 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
         peak = peak_memory_bytes(ctx.device)
     else:
         peak = sum(states.values()) + max(activation_peaks)
-    mine = {"rank": rank, "losses": losses, "step_times_s": step_times,
+    mine = {"rank": rank, "losses": losses, "grad_norms": trainer.grad_norms,
+            "learning_rates": trainer.learning_rates, "step_times_s": step_times,
             "step_events": step_events[warm],
             "peak_memory_bytes": peak, "peak_rss_bytes": peak_memory_bytes("cpu"),
             "model_state_bytes": states, "peak_activation_bytes": max(activation_peaks) if activation_peaks else None,
@@ -380,18 +451,21 @@ def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT
                  dtype: str = "fp32", data_path: str | None = None, *, learning_rate: float = DEFAULT_LEARNING_RATE,
                  cluster=None, timeout_s: float = 600.0, progress: bool = True,
                  crash_rank: int | None = None, load_checkpoint: str | None = None,
-                 save_checkpoint: str | None = None) -> dict | None:
+                 save_checkpoint: str | None = None, **optimizer_options) -> dict | None:
     """Train `steps` steps of `plan` (partial plans are completed with the runtime defaults) and
-    return the summary: losses per step, step time, tokens/s, MFU, peak memory, the plan, and the
-    planner's prediction when a `cluster` (ClusterSpec) is given (None on torchrun ranks other
-    than 0). Raises SpecError before any rank starts when the plan cannot run, and
-    `launch.RankFailure` naming the rank when one fails."""
+    return the summary: losses and gradient norms per step, step time, tokens/s, MFU, peak
+    memory, the plan, and the planner's prediction when a `cluster` (ClusterSpec) is given (None
+    on torchrun ranks other than 0). `optimizer_options`: TrainConfig's optimizer fields
+    (weight_decay, clip_grad, lr_warmup_steps, lr_decay_style, lr_decay_steps, min_learning_rate,
+    decay_norms_and_biases).
+    Raises SpecError before any rank starts when the plan cannot run, and `launch.RankFailure`
+    naming the rank when one fails."""
     from modelpar.runtime.launch import choose_backend, default_backend, spawn, under_torchrun
 
     plan = complete_plan(plan)
     config = TrainConfig(model_spec, plan, steps, seed, dtype, data_path, learning_rate, progress=progress,
                          crash_rank=crash_rank if crash_rank is not None else _env_crash_rank(),
-                         load_checkpoint=load_checkpoint, save_checkpoint=save_checkpoint)
+                         load_checkpoint=load_checkpoint, save_checkpoint=save_checkpoint, **optimizer_options)
     validate_training(config)
     world = plan.world_size
     torchrun = under_torchrun()
@@ -474,12 +548,22 @@ def summarise(config: TrainConfig, rank_results: list[dict], peak_tflops: float,
         "model": model.name, "plan": plan.to_dict(), "dtype": config.dtype, "steps": config.steps,
         "seed": config.seed, "world_size": world,
         "data": make_token_source(config.data_path, model.vocab_size, config.seed).description,
-        "losses": first["losses"], "step_time_s": step_time, "tokens_per_s": measured["tokens_per_s"],
+        "losses": first["losses"], "grad_norms": first["grad_norms"], "learning_rates": first["learning_rates"],
+        "optimizer": optimizer_summary(config), "step_time_s": step_time, "tokens_per_s": measured["tokens_per_s"],
         "mfu": measured["mfu"], "peak_memory_bytes": measured["peak_memory_bytes"],
         "measured": measured, "predicted": predicted, "relative_error": relative_errors(predicted, measured),
         "compared_keys": list(COMPARED_KEYS), "measurement": details,
         "timeline": {str(r["rank"]): r["last_step_timeline"] for r in rank_results},
     }
+
+
+def optimizer_summary(config: TrainConfig) -> dict:
+    """The optimizer settings of a run, for its JSON summary."""
+    return {"learning_rate": config.learning_rate, "lr_warmup_steps": config.lr_warmup_steps,
+            "lr_decay_style": config.lr_decay_style,
+            "lr_decay_steps": config.lr_schedule.decay_end(config.steps),
+            "min_learning_rate": config.min_learning_rate, "weight_decay": config.weight_decay,
+            "decay_norms_and_biases": config.decay_norms_and_biases, "clip_grad": config.clip_grad}
 
 
 # --- command line --------------------------------------------------------------------------------------
@@ -508,7 +592,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", help="text file (byte-level tokens), or 'synthetic'; default: the packaged corpus")
-    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE)
+    optimizer = parser.add_argument_group("optimizer (AdamW, betas 0.9/0.95)")
+    optimizer.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE, help="peak learning rate")
+    optimizer.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
+    optimizer.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant",
+                           help="after the warmup (default constant)")
+    optimizer.add_argument("--lr-decay-steps", type=int, help="step where the decay reaches --min-learning-rate "
+                                                               "(default: --steps)")
+    optimizer.add_argument("--min-learning-rate", type=float, default=0.0, help="floor of the decay (default 0)")
+    optimizer.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                           help="decoupled weight decay of weight matrices and embeddings (not biases and norm "
+                                f"weights; default {DEFAULT_WEIGHT_DECAY})")
+    optimizer.add_argument("--clip-grad", type=float, default=DEFAULT_CLIP_GRAD, metavar="NORM",
+                           help="clip the global gradient norm to NORM (default 0: off; Megatron uses 1.0)")
     parser.add_argument("--cluster", help="cluster preset/JSON/'local' for the planner's prediction and the MFU peak "
                                           "(default on CPU: the `modelpar profile` of this machine, if any)")
     parser.add_argument("--load-checkpoint", metavar="PATH", help="start from a checkpoint (serial layout, any plan)")
@@ -517,6 +613,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     parser.add_argument("--png", help="draw the predicted and measured timelines of the last step side by side")
     parser.add_argument("--trace", help="write the measured per-rank timeline as Chrome trace JSON (Perfetto)")
+
+
+def optimizer_options_from_args(args: argparse.Namespace) -> dict:
+    """The optimizer flags as `run_training` keyword arguments (validated by `validate_training`)."""
+    return {"weight_decay": args.weight_decay, "clip_grad": args.clip_grad, "lr_warmup_steps": args.lr_warmup_steps,
+            "lr_decay_style": args.lr_decay_style, "lr_decay_steps": args.lr_decay_steps,
+            "min_learning_rate": args.min_learning_rate}
 
 
 def plan_from_args(args: argparse.Namespace) -> ParallelPlan:
@@ -538,7 +641,8 @@ def train_command(args: argparse.Namespace) -> int:
         summary = run_training(model, plan, args.steps, args.seed, args.dtype, args.data,
                                learning_rate=args.learning_rate, cluster=cluster, timeout_s=args.timeout,
                                progress=not args.json or sys.stderr.isatty(),
-                               load_checkpoint=args.load_checkpoint, save_checkpoint=args.save_checkpoint)
+                               load_checkpoint=args.load_checkpoint, save_checkpoint=args.save_checkpoint,
+                               **optimizer_options_from_args(args))
     except RankFailure as failure:
         print(f"modelpar train: error: {str(failure).splitlines()[0]}", file=sys.stderr)
         return 1
@@ -605,8 +709,11 @@ def print_summary(summary: dict) -> None:
         f"B={plan['global_batch_size']}, SP={'on' if plan['sequence_parallel'] else 'off'}, "
         f"recompute={plan['recompute']}, ZeRO-{plan['zero_stage']}, {summary['dtype']}, data: {summary['data']}"
     )
-    losses = summary["losses"]
-    console.print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    losses, norms, rates = summary["losses"], summary["grad_norms"], summary["learning_rates"]
+    clip = summary["optimizer"]["clip_grad"]
+    console.print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; grad norm "
+                  f"{norms[0]:.3g} -> {norms[-1]:.3g}{f' (clipped to {clip:g})' if clip else ''}; "
+                  f"learning rate {rates[0]:.3g} -> {rates[-1]:.3g}")
     print_comparison(summary, console)
     details = summary["measurement"]
     console.print(f"MFU against {details['peak_tflops_per_device']:.3g} TFLOP/s per rank "
@@ -630,4 +737,5 @@ if __name__ == "__main__":
 
 
 __all__ = ["TrainConfig", "RankTrainer", "run_training", "complete_plan", "validate_training", "add_train_arguments",
+           "optimizer_options_from_args", "optimizer_summary",
            "train_command", "main"]

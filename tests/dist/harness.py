@@ -193,8 +193,10 @@ def serial_reference(case: Case) -> dict:
     if initial is not None:
         model.load_state_dict(initial)
     initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                  weight_decay=config.weight_decay)
+    decayed = [param for param in model.parameters() if param.dim() >= 2]  # Megatron: no decay on biases, norms
+    others = [param for param in model.parameters() if param.dim() < 2]
+    groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), eps=1e-8)
     source = make_token_source("synthetic", case.model.vocab_size, SEED)
     losses, grads = [], None
     for step in range(STEPS):

@@ -31,7 +31,6 @@ def test_plan_names_every_swappable_module():
      "num_attention_heads 6 is not divisible"),
     ({"num_query_groups": 2, "num_attention_heads": 12, "hidden_size": 48}, 3, False, "num_query_groups 2"),
     ({"ffn_hidden_size": 170}, 4, False, "ffn_hidden_size 170"),
-    ({"vocab_size": 250}, 4, False, "pad the vocabulary"),
     ({"seq_length": 30}, 4, True, "seq_length 30"),
 ])
 def test_unsplittable_models_are_spec_errors(change, t, sp, message):

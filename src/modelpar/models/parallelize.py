@@ -23,7 +23,8 @@ from torch import nn
 
 from modelpar.models.gpt import MLP, Embedding, LMHead, SelfAttention
 from modelpar.runtime.mesh import ParallelContext
-from modelpar.runtime.sequence_parallel import allreduce_sequence_parallel_grads, mark_module_sequence_parallel
+from modelpar.runtime.data_parallel import all_reduce_gradients, default_grad_of
+from modelpar.runtime.sequence_parallel import mark_module_sequence_parallel, sequence_parallel_parameters
 from modelpar.runtime.tensor_parallel import (ParallelAttention, ParallelEmbedding, ParallelLMHead, ParallelMLP,
                                               ShardLayout, allreduce_replicated_grads)
 from modelpar.specs.errors import SpecError
@@ -44,7 +45,8 @@ _STYLE_OF_TYPE = ((Embedding, "vocab_parallel_embedding"), (SelfAttention, "para
 
 
 def check_tensor_parallel(spec: ModelSpec, tensor_parallel: int, sequence_parallel: bool) -> None:
-    """Raise SpecError when the model cannot be split t ways (heads, KV groups, MLP, vocabulary, sequence)."""
+    """Raise SpecError when the model cannot be split t ways (heads, KV groups, MLP, sequence). Any
+    vocabulary splits: one that t does not divide is padded (`tensor_parallel.padded_chunk_layout`)."""
     t, name = tensor_parallel, spec.name
     if spec.num_attention_heads % t:
         raise SpecError(f"model '{name}': num_attention_heads {spec.num_attention_heads} is not divisible by "
@@ -55,9 +57,6 @@ def check_tensor_parallel(spec: ModelSpec, tensor_parallel: int, sequence_parall
     if spec.ffn_hidden_size % t:
         raise SpecError(f"model '{name}': ffn_hidden_size {spec.ffn_hidden_size} is not divisible by "
                         f"tensor_parallel {t}; pick t dividing it")
-    if spec.vocab_size % t:
-        raise SpecError(f"model '{name}': vocab_size {spec.vocab_size} is not divisible by tensor_parallel {t}; "
-                        f"pad the vocabulary to a multiple of {t}")
     if sequence_parallel and spec.seq_length % t:
         raise SpecError(f"model '{name}': seq_length {spec.seq_length} is not divisible by tensor_parallel {t} "
                         f"(needed by sequence parallelism); pick t dividing it or disable sequence_parallel")
@@ -109,11 +108,12 @@ def parallelize(model: nn.Module, ctx: ParallelContext, sequence_parallel: bool,
 
 
 def sync_tensor_parallel_grads(model: nn.Module, ctx: ParallelContext) -> None:
-    """After backward: sum sequence-parallel partial gradients and replicated K/V-head gradients
-    over the tensor group, making every rank's gradient equal to the serial model's slice."""
+    """After backward: sum sequence-parallel partial gradients (one flat fp32 all-reduce) and
+    replicated K/V-head gradients over the tensor group, making every rank's gradient equal to
+    the serial model's slice. Works on ``main_grad`` in bf16 training (`data_parallel.default_grad_of`)."""
     if ctx.dims.tensor == 1:
         return
-    allreduce_sequence_parallel_grads(model, ctx.tensor_group)
+    all_reduce_gradients(sequence_parallel_parameters(model), ctx.tensor_group, average=False)
     allreduce_replicated_grads(model, ctx.tensor_group)
 
 
@@ -126,15 +126,20 @@ def shard_layouts(model: nn.Module) -> dict[str, ShardLayout]:
     return layouts
 
 
+def shard_layouts_by_parameter(model: nn.Module) -> dict[int, ShardLayout]:
+    """{id(parameter): ShardLayout} for every tensor-parallel parameter (a tied weight appears once)."""
+    layouts = {}
+    for module in model.modules():
+        for param_name, layout in getattr(module, "shard_layouts", {}).items():
+            layouts[id(getattr(module, param_name))] = layout
+    return layouts
+
+
 def _gather(local: torch.Tensor, layout: ShardLayout, group) -> torch.Tensor:
+    """The serial tensor (vocabulary padding dropped) from every tensor rank's shard. Collective."""
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local.contiguous(), group=group)
-    shape = list(local.shape)
-    shape[layout.dim] = layout.full_size
-    full = torch.empty(shape, dtype=local.dtype, device=local.device)
-    for rank, part in enumerate(parts):
-        full.index_copy_(layout.dim, layout.indices[rank].to(local.device), part)
-    return full
+    return layout.assemble(parts)
 
 
 @torch.no_grad()
@@ -155,13 +160,15 @@ gather_state_dict = full_state_dict  # the name used in interfaces.md
 @torch.no_grad()
 def full_grads(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """Gradients of the serial parameters (CPU), gathered over the tensor group; call after
-    `sync_tensor_parallel_grads`. Shared (tied) parameters appear once, under their first name."""
+    `sync_tensor_parallel_grads`. Shared (tied) parameters appear once, under their first name.
+    bf16 training: the fp32 ``main_grad`` (`data_parallel.default_grad_of`)."""
     layouts = shard_layouts(model)
     grads = {}
     for name, param in model.named_parameters():
-        if param.grad is None:
+        grad = default_grad_of(param)
+        if grad is None:
             continue
-        full = _gather(param.grad, layouts[name], ctx.tensor_group) if name in layouts else param.grad
+        full = _gather(grad, layouts[name], ctx.tensor_group) if name in layouts else grad
         grads[name] = full.detach().cpu().clone()
     return grads
 
@@ -178,6 +185,5 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ctx: 
     for name, target in own.items():
         source = state[name]
         if name in layouts:
-            layout = layouts[name]
-            source = source.index_select(layout.dim, layout.indices[ctx.tensor_rank].to(source.device))
+            source = layouts[name].shard(source, ctx.tensor_rank)
         target.copy_(source.to(target.device, target.dtype))

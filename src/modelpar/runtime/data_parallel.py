@@ -28,9 +28,24 @@ DEFAULT_BUCKET_BYTES = 25 * 2**20
 """DDP's default bucket size, 25 MiB."""
 
 
+MAIN_GRAD = "main_grad"  # the attribute `precision.MainGradients` gives parameters (fp32 accumulation)
+
+
 def default_grad_of(param: nn.Parameter) -> torch.Tensor | None:
-    """The gradient to reduce: `.grad`."""
+    """The gradient of `param`: its fp32 ``main_grad`` when it has one (bf16 training,
+    `precision.MainGradients`), else ``.grad``."""
+    if hasattr(param, MAIN_GRAD):
+        return getattr(param, MAIN_GRAD)
     return param.grad
+
+
+def set_grad(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Give `param` the gradient `value` (a copy) where `default_grad_of` reads it: ``main_grad``
+    (fp32) or ``.grad`` (the parameter's dtype)."""
+    if hasattr(param, MAIN_GRAD):
+        setattr(param, MAIN_GRAD, value.detach().to(torch.float32, copy=True))
+    else:
+        param.grad = value.detach().to(param.dtype, copy=True)
 
 
 @dataclass
@@ -53,9 +68,9 @@ class GradientReducer:
         loss.backward()                         # buckets launch from the gradient hooks
         reducer.finish()                        # wait; gradients now hold the data-parallel mean
 
-    `grad_of(param)` names the tensor to reduce (default `.grad`); the mean is written back into
-    it. The reduction runs in fp32 buckets whatever the gradient dtype (bf16 gradients are
-    summed in fp32). With a group of one rank the reducer does nothing.
+    `grad_of(param)` names the tensor to reduce (default `default_grad_of`: the fp32 ``main_grad``
+    in bf16 training, else ``.grad``); the mean is written back into it. The reduction runs in
+    fp32 buckets whatever the gradient dtype. With a group of one rank the reducer does nothing.
     """
 
     def __init__(
@@ -156,7 +171,7 @@ class GradientReducer:
                 mean = bucket.buffer[offset: offset + param.numel()].view_as(param)
                 grad = self.grad_of(param)
                 if grad is None:
-                    param.grad = mean.to(param.dtype).clone()
+                    set_grad(param, mean)
                 else:
                     grad.copy_(mean)
             bucket.work, bucket.launched, bucket.ready = None, False, 0

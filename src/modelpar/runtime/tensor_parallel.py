@@ -10,6 +10,12 @@ become all-gather / reduce-scatter along the sequence.
 Every sharded parameter records a `ShardLayout` (which global indices along which dim each rank
 holds), so any layout can be gathered back into the serial state dict and re-sliced
 (`modelpar.models.parallelize`). Layers are built from the serial modules by slicing their weights.
+
+Vocabulary padding (Megatron-LM's ``--make-vocab-size-divisible-by``): a vocabulary V that t does
+not divide is padded to t ceil(V / t) rows (`padded_chunk_layout`). The padding rows of the
+embedding and output weights are zeros that no token looks up; the cross-entropy sets their
+logits to -inf, so they take no probability, the loss is the unpadded serial loss, and their
+gradients are exactly zero. Gathering drops them: checkpoints keep the unpadded serial layout.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from modelpar.models.gpt import (AttentionCore, DropoutSite, Embedding, LMHead, 
 from modelpar.runtime.collectives import (SEQUENCE_DIM, _all_gather, gather_last_dim,
                                           reduce_from_tensor_region_in_place, reduce_scatter_sequence,
                                           start_all_gather, start_all_reduce, start_reduce_scatter)
+from modelpar.runtime.data_parallel import default_grad_of
 from modelpar.runtime.sequence_parallel import mark_module_sequence_parallel, mark_sequence_parallel, sequence_offset
 
 
@@ -36,11 +43,39 @@ class ShardLayout:
 
     An index held by several ranks (replicated K/V heads when t > kv_heads) is *replicated*: its
     gradient is the sum of the replicas' gradients (`allreduce_replicated_grads`).
+
+    ``local_size`` (padded layouts only): every rank's length along ``dim``; rank r's indices fill
+    its first ``len(indices[r])`` entries and the rest is zero padding (None: no padding).
     """
 
     dim: int
     indices: tuple[torch.Tensor, ...]
     full_size: int
+    local_size: int | None = None
+
+    def local_length(self, rank: int) -> int:
+        """Length along ``dim`` of rank `rank`'s tensor, padding included."""
+        return self.local_size if self.local_size is not None else len(self.indices[rank])
+
+    def shard(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank `rank`'s tensor cut from the serial tensor `full` (a new tensor; padding is zero)."""
+        local = full.detach().index_select(self.dim, self.indices[rank].to(full.device))
+        padding = self.local_length(rank) - local.shape[self.dim]
+        if padding:
+            shape = list(local.shape)
+            shape[self.dim] = padding
+            local = torch.cat([local, local.new_zeros(shape)], dim=self.dim)
+        return local  # index_select made a new tensor
+
+    def assemble(self, parts) -> torch.Tensor:
+        """The serial tensor from every rank's tensor (in rank order), padding dropped."""
+        first = parts[0]
+        shape = list(first.shape)
+        shape[self.dim] = self.full_size
+        full = torch.empty(shape, dtype=first.dtype, device=first.device)
+        for indices, part in zip(self.indices, parts):
+            full.index_copy_(self.dim, indices.to(first.device), part.narrow(self.dim, 0, len(indices)))
+        return full
 
     @cached_property
     def replicated(self) -> torch.Tensor:
@@ -54,6 +89,15 @@ def chunk_indices(size: int, world: int) -> tuple[torch.Tensor, ...]:
     if size % world:
         raise ValueError(f"size {size} does not split evenly over {world} tensor ranks")
     return tuple(torch.arange(size).chunk(world))
+
+
+def padded_chunk_layout(size: int, world: int, dim: int = 0) -> ShardLayout:
+    """Contiguous chunks of n = ceil(size / world) along `dim`: rank r holds [r n, (r + 1) n) of the
+    size padded to n * world, the indices past `size` being padding (Megatron-LM's vocabulary
+    padding, with make-vocab-size-divisible-by = 1). Without padding this is `chunk_indices`."""
+    per_rank = -(-size // world)
+    indices = tuple(torch.arange(min(r * per_rank, size), min((r + 1) * per_rank, size)) for r in range(world))
+    return ShardLayout(dim, indices, size, per_rank if per_rank * world != size else None)
 
 
 def _rank(group) -> int:
@@ -200,8 +244,9 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, end) of the embedding table on each rank; tokens outside give 0, then the ranks'
-    outputs are summed (all-reduce, or reduce-scatter to sequence shards under sequence parallelism)."""
+    """Rows [start, end) of the (padded) embedding table on each rank (`padded_chunk_layout`);
+    tokens outside give 0, then the ranks' outputs are summed (all-reduce, or reduce-scatter to
+    sequence shards under sequence parallelism)."""
 
     def __init__(self, weight: torch.Tensor, group, layout: ShardLayout, sequence_parallel: bool = False):
         super().__init__()
@@ -209,13 +254,12 @@ class VocabParallelEmbedding(nn.Module):
         self.group = group
         self.sequence_parallel = sequence_parallel
         self.shard_layouts = {"weight": layout}
-        self.vocab_start = int(layout.indices[_rank(group)][0])
+        self.vocab_start = _rank(group) * weight.shape[0]  # contiguous equal chunks
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, group, sequence_parallel: bool = False) -> "VocabParallelEmbedding":
-        rows = chunk_indices(embedding.num_embeddings, dist.get_world_size(group))
-        return cls(_slice(embedding.weight, 0, rows[_rank(group)]).data, group,
-                   ShardLayout(0, rows, embedding.num_embeddings), sequence_parallel)
+        layout = padded_chunk_layout(embedding.num_embeddings, dist.get_world_size(group))
+        return cls(layout.shard(embedding.weight, _rank(group)), group, layout, sequence_parallel)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.vocab_start
@@ -228,12 +272,18 @@ class VocabParallelEmbedding(nn.Module):
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """loss = log sum_v exp(z_v - m) - (z_target - m) with m, the sum and z_target each one all-reduce;
-    gradient softmax(z) - onehot(target), computed locally (Shoeybi et al. 2019, Sec. 3)."""
+    gradient softmax(z) - onehot(target), computed locally (Shoeybi et al. 2019, Sec. 3). Columns at
+    or past ``vocab_size`` (vocabulary padding) get z = -inf: probability 0, gradient 0."""
 
     @staticmethod
-    def forward(ctx, logits, targets, vocab_start, group):
+    def forward(ctx, logits, targets, vocab_start, group, vocab_size):
         ctx.input_dtype = logits.dtype
         logits = logits.float()
+        width = logits.shape[-1]
+        valid = width if vocab_size is None else max(0, min(width, vocab_size - vocab_start))
+        if valid < width:
+            padding = torch.arange(width, device=logits.device) >= valid
+            logits = logits.masked_fill(padding, float("-inf"))
         maximum = logits.max(dim=-1).values
         dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - maximum.unsqueeze(-1)
@@ -241,7 +291,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sum_exp = exp.sum(dim=-1)
         dist.all_reduce(sum_exp, group=group)
         local = targets - vocab_start
-        inside = (local >= 0) & (local < logits.shape[-1])
+        inside = (local >= 0) & (local < valid)
         local = local.masked_fill(~inside, 0)
         target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0)
         dist.all_reduce(target_logit, group=group)
@@ -254,16 +304,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         softmax, local, inside = ctx.saved_tensors
         grad = softmax.clone()
         grad.scatter_add_(-1, local.unsqueeze(-1), -inside.to(grad.dtype).unsqueeze(-1))
-        return (grad * grad_loss.unsqueeze(-1)).to(ctx.input_dtype), None, None, None
+        return (grad * grad_loss.unsqueeze(-1)).to(ctx.input_dtype), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group,
+                                 vocab_size: int | None = None) -> torch.Tensor:
     """Per-token cross-entropy (fp32, shape of targets) from vocab-sharded logits [.., V/t], never
-    gathering the full logits. ``vocab_start`` is this rank's first vocabulary row."""
+    gathering the full logits. ``vocab_start`` is this rank's first vocabulary row; ``vocab_size``
+    the unpadded vocabulary (columns past it are padding; None: no padding)."""
     if dist.get_world_size(group) == 1:
+        if vocab_size is not None and logits.shape[-1] > vocab_size:
+            logits = logits[..., :vocab_size]
         flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         return flat.view_as(targets)
-    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, group)
+    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, group, vocab_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,8 +441,9 @@ class ParallelMLP(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """Final norm (on sequence shards under SP), vocab-parallel output projection, vocab-parallel
-    cross-entropy; the full logits are never materialised. ``targets`` are the full [b, s]."""
+    """Final norm (on sequence shards under SP), vocab-parallel output projection (padded
+    vocabulary: `padded_chunk_layout`), vocab-parallel cross-entropy; the full logits are never
+    materialised. ``targets`` are the full [b, s]."""
 
     def __init__(self, norm: nn.Module, output: ColumnParallelLinear, group):
         super().__init__()
@@ -396,41 +451,49 @@ class ParallelLMHead(nn.Module):
 
     @property
     def vocab_start(self) -> int:
-        return int(self.output.shard_layouts["weight"].indices[_rank(self.group)][0])
+        return _rank(self.group) * self.output.weight.shape[0]  # contiguous equal chunks
+
+    @property
+    def vocab_size(self) -> int:
+        """The unpadded vocabulary V."""
+        return self.output.shard_layouts["weight"].full_size
 
     @classmethod
     def from_serial(cls, head: LMHead, group, sequence_parallel: bool) -> "ParallelLMHead":
-        return cls(head.norm, ColumnParallelLinear.from_linear(head.output, group, sequence_parallel=sequence_parallel),
-                   group)
+        layout = padded_chunk_layout(head.output.out_features, dist.get_world_size(group))
+        output = ColumnParallelLinear(layout.shard(head.output.weight, _rank(group)), None, group, layout,
+                                      sequence_parallel)
+        return cls(head.norm, output, group)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full logits [b, s, V] (gathered; for evaluation and sampling only)."""
-        return gather_last_dim(self.output(self.norm(hidden)), self.group)
+        """Full logits [b, s, V] (gathered, padding dropped; for evaluation and sampling only)."""
+        return gather_last_dim(self.output(self.norm(hidden)), self.group)[..., : self.vocab_size]
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.output(self.norm(hidden))
-        return vocab_parallel_cross_entropy(logits, targets, self.vocab_start, self.group).mean()
+        return vocab_parallel_cross_entropy(logits, targets, self.vocab_start, self.group, self.vocab_size).mean()
 
 
 @torch.no_grad()
-def allreduce_replicated_grads(model: nn.Module, group) -> None:
+def allreduce_replicated_grads(model: nn.Module, group, grad_of=default_grad_of) -> None:
     """Sum, over the ranks holding it, the gradient of every replicated shard index (K/V heads kept by
-    several ranks when t > kv_heads): each replica saw only its own query heads' contribution."""
+    several ranks when t > kv_heads): each replica saw only its own query heads' contribution.
+    `grad_of(param)`: the gradient to sync (default: ``main_grad`` in bf16 training, else ``.grad``)."""
     rank = _rank(group)
     for module in model.modules():
         for name, layout in getattr(module, "shard_layouts", {}).items():
-            param = getattr(module, name)
+            grad = grad_of(getattr(module, name))
             replicated = layout.replicated
-            if param.grad is None or replicated.numel() == 0:
+            if grad is None or replicated.numel() == 0:
                 continue
             mine = layout.indices[rank]
             local_positions = torch.nonzero(torch.isin(mine, replicated)).flatten()
             slots = torch.searchsorted(replicated, mine[local_positions])
-            device = param.grad.device
+            device = grad.device
             local_positions, slots = local_positions.to(device), slots.to(device)
-            shape = list(param.grad.shape)
+            shape = list(grad.shape)
             shape[layout.dim] = replicated.numel()
-            buffer = torch.zeros(shape, dtype=param.grad.dtype, device=device)
-            buffer.index_add_(layout.dim, slots, param.grad.index_select(layout.dim, local_positions))
+            buffer = torch.zeros(shape, dtype=grad.dtype, device=device)
+            buffer.index_add_(layout.dim, slots, grad.index_select(layout.dim, local_positions))
             dist.all_reduce(buffer, group=group)
-            param.grad.index_copy_(layout.dim, local_positions, buffer.index_select(layout.dim, slots))
+            grad.index_copy_(layout.dim, local_positions, buffer.index_select(layout.dim, slots))

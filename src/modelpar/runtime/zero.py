@@ -17,6 +17,13 @@ The result equals plain data parallelism with AdamW on every rank (tested). The 
 is not overlapped with backward here (DeepSpeed overlaps it at stage 2); with d == 1 the class
 is a flat-master AdamW, which the bf16 mode uses as its fp32 master optimizer.
 
+Both optimizers share the interface the training loop drives each step: `reduce_gradients()`
+(ZeRO: steps 1-2 above; plain AdamW: nothing), `gradient_pieces()` (the gradient this rank holds,
+as flat slices of the concatenated parameters, for the global norm: `runtime.grad_norm`),
+`scale_gradients(factor)` (clipping), `lr` (set from the schedule), `step()`, `zero_grad()`.
+Weight decay is applied only to parameters for which `decays(param)` is true (`decay_matrices`:
+Megatron-LM's and nanoGPT's rule, no decay on biases and norm weights; default: every parameter).
+
 The AdamW update itself (`adamw_update_`) is written out here rather than taken from
 torch.optim: the same elementwise arithmetic as torch's single-tensor AdamW, but without
 torch.optim's first-use import of torch._dynamo (seconds per spawned rank on a small CPU).
@@ -31,7 +38,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modelpar.runtime.data_parallel import default_grad_of
+from modelpar.runtime.data_parallel import MAIN_GRAD, default_grad_of
+
+GradientPiece = tuple[int, torch.Tensor]
+"""(flat offset, 1-D gradient values): a slice of the concatenation of the optimizer's parameters."""
+
+
+def decay_matrices(param: torch.Tensor) -> bool:
+    """Weight decay for weight matrices and embeddings only, not for biases and norm weights (any
+    parameter of fewer than 2 dims): Megatron-LM's default ``no_weight_decay_cond`` and nanoGPT's
+    ``configure_optimizers``."""
+    return param.dim() >= 2
+
+
+def decay_everything(param: torch.Tensor) -> bool:
+    return True
+
+
+def flat_offsets(params: Sequence[torch.Tensor]) -> list[int]:
+    """Offset of each parameter in the concatenation of `params` (flattened, in order)."""
+    offsets, total = [], 0
+    for param in params:
+        offsets.append(total)
+        total += param.numel()
+    return offsets
 
 
 def _reduce_scatter(output: torch.Tensor, flat: torch.Tensor, group: dist.ProcessGroup) -> None:
@@ -66,12 +96,16 @@ def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor
 
 class AdamW:
     """Plain AdamW on the parameters themselves (fp32 training without ZeRO): per-parameter
-    moments, the update of `adamw_update_`. `lr` can be changed between steps."""
+    moments, the update of `adamw_update_`. `lr` can be changed between steps. Weight decay
+    applies to the parameters for which `decays(param)` holds."""
 
     def __init__(self, params: Sequence[nn.Parameter], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0,
+                 decays: Callable[[torch.Tensor], bool] = decay_everything) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.decayed = [bool(decays(p)) for p in self.params]
+        self.offsets = flat_offsets(self.params)
         self.steps = 0
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
@@ -79,24 +113,44 @@ class AdamW:
     def optimizer_state_bytes(self) -> int:
         return sum(2 * m.numel() * m.element_size() for m in self.exp_avg)
 
+    def reduce_gradients(self) -> None:
+        """Nothing to do: the gradients were reduced during backward (`GradientReducer`)."""
+
+    def gradient_pieces(self) -> list[GradientPiece]:
+        return [(offset, grad.reshape(-1)) for offset, grad in zip(self.offsets, map(default_grad_of, self.params))
+                if grad is not None]
+
+    @torch.no_grad()
+    def scale_gradients(self, factor: float) -> None:
+        for param in self.params:
+            grad = default_grad_of(param)
+            if grad is not None:
+                grad.mul_(factor)
+
     @torch.no_grad()
     def step(self) -> None:
         self.steps += 1
-        for param, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            if param.grad is not None:
-                adamw_update_(param, param.grad, exp_avg, exp_avg_sq, self.steps, self.lr, self.betas, self.eps,
-                              self.weight_decay)
+        for param, decayed, exp_avg, exp_avg_sq in zip(self.params, self.decayed, self.exp_avg, self.exp_avg_sq):
+            grad = default_grad_of(param)
+            if grad is not None:
+                adamw_update_(param, grad, exp_avg, exp_avg_sq, self.steps, self.lr, self.betas, self.eps,
+                              self.weight_decay if decayed else 0.0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         _zero_grads(self.params, set_to_none)
 
 
 def _zero_grads(params: Sequence[nn.Parameter], set_to_none: bool) -> None:
+    """Clear ``.grad`` and, in bf16 training, the fp32 ``main_grad``."""
     for param in params:
         if set_to_none:
             param.grad = None
-        elif param.grad is not None:
-            param.grad.zero_()
+            if hasattr(param, MAIN_GRAD):
+                setattr(param, MAIN_GRAD, None)
+            continue
+        for grad in (param.grad, getattr(param, MAIN_GRAD, None)):
+            if grad is not None:
+                grad.zero_()
 
 
 class ZeroOneAdamW:
@@ -104,8 +158,9 @@ class ZeroOneAdamW:
 
     Each rank owns the contiguous slice [k * n, (k + 1) * n) of the flattened parameters,
     n = ceil(N / d). `grad_of(param)` is the gradient to use (local, not yet averaged: this
-    optimizer does the data-parallel reduction itself). `group=None` means no sharding and no
-    reduction (the gradients are used as they are).
+    optimizer does the data-parallel reduction itself; default: ``main_grad`` in bf16 training,
+    else ``.grad``). `group=None` means no sharding and no reduction (the gradients are used as
+    they are). Weight decay applies to the elements of parameters for which `decays(param)` holds.
     """
 
     def __init__(
@@ -117,6 +172,7 @@ class ZeroOneAdamW:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         grad_of: Callable[[nn.Parameter], torch.Tensor | None] = default_grad_of,
+        decays: Callable[[torch.Tensor], bool] = decay_everything,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.group = group
@@ -129,12 +185,29 @@ class ZeroOneAdamW:
         self.padded_numel = self.shard_numel * self.world_size
         full = torch.zeros(self.padded_numel, dtype=torch.float32, device=device)
         self._copy_params_into(full)
-        start = self.rank * self.shard_numel
+        self.shard_start = start = self.rank * self.shard_numel
         self.master_shard = full[start: start + self.shard_numel].clone()
         self.exp_avg = torch.zeros_like(self.master_shard)
         self.exp_avg_sq = torch.zeros_like(self.master_shard)
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.decayed_ranges = self._shard_ranges([decays(p) for p in self.params])
         self.steps = 0
+        self._shard_grad: torch.Tensor | None = None  # this step's reduced gradient shard
+
+    def _shard_ranges(self, selected: Sequence[bool]) -> list[tuple[int, int]]:
+        """Merged [start, end) ranges, in shard coordinates, of the elements of selected parameters."""
+        ranges: list[tuple[int, int]] = []
+        end_of_shard = self.shard_start + self.shard_numel
+        for param, offset, chosen in zip(self.params, flat_offsets(self.params), selected):
+            start, end = max(offset, self.shard_start), min(offset + param.numel(), end_of_shard)
+            if not chosen or end <= start:
+                continue
+            start, end = start - self.shard_start, end - self.shard_start
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((start, end))
+        return ranges
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of fp32 master weights + Adam moments held by this rank (12 / d per parameter)."""
@@ -157,19 +230,41 @@ class ZeroOneAdamW:
         return flat
 
     @torch.no_grad()
+    def reduce_gradients(self) -> torch.Tensor:
+        """Steps 1-2: flatten the local gradients and reduce-scatter their data-parallel mean; this
+        rank's fp32 shard is kept for `step` (idempotent within a step)."""
+        if self._shard_grad is None:
+            flat_grads = self._flat_grads()
+            if self.world_size > 1:
+                shard_grad = torch.empty(self.shard_numel, dtype=torch.float32, device=flat_grads.device)
+                _reduce_scatter(shard_grad, flat_grads, self.group)
+                self._shard_grad = shard_grad.div_(self.world_size)
+            else:
+                self._shard_grad = flat_grads
+        return self._shard_grad
+
+    def gradient_pieces(self) -> list[GradientPiece]:
+        """This rank's shard of the reduced gradient (call `reduce_gradients` first), without the
+        padding past the last parameter."""
+        shard = self.reduce_gradients()
+        return [(self.shard_start, shard[: max(0, min(self.shard_numel, self.numel - self.shard_start))])]
+
+    @torch.no_grad()
+    def scale_gradients(self, factor: float) -> None:
+        self.reduce_gradients().mul_(factor)
+
+    @torch.no_grad()
     def step(self) -> None:
-        flat_grads = self._flat_grads()
-        if self.world_size > 1:
-            shard_grad = torch.empty(self.shard_numel, dtype=torch.float32, device=flat_grads.device)
-            _reduce_scatter(shard_grad, flat_grads, self.group)
-            shard_grad.div_(self.world_size)
-        else:
-            shard_grad = flat_grads
+        shard_grad = self.reduce_gradients()
+        self._shard_grad = None
         self.steps += 1
+        decay = 1 - self.lr * self.weight_decay
+        for start, end in self.decayed_ranges:  # decoupled decay first, as in `adamw_update_`
+            self.master_shard[start:end].mul_(decay)
         adamw_update_(self.master_shard, shard_grad, self.exp_avg, self.exp_avg_sq, self.steps, self.lr,
-                      self.betas, self.eps, self.weight_decay)
+                      self.betas, self.eps, 0.0)
         if self.world_size > 1:
-            full = torch.empty(self.padded_numel, dtype=torch.float32, device=flat_grads.device)
+            full = torch.empty(self.padded_numel, dtype=torch.float32, device=shard_grad.device)
             _all_gather(full, self.master_shard, self.group)
         else:
             full = self.master_shard
@@ -179,4 +274,5 @@ class ZeroOneAdamW:
             offset += param.numel()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._shard_grad = None
         _zero_grads(self.params, set_to_none)
