@@ -185,14 +185,19 @@ def launch_cases(cases: list[Case], world_size: int, timeout_s: float, backend: 
         return spawn(train_cases, world_size, args, timeout_s=timeout_s, backend=backend)[0]
 
 
-def serial_reference(case: Case) -> dict:
-    """The serial GPT trained on the same batches with the same AdamW: losses, step-1 grads, final weights."""
+def serial_reference(case: Case, device: str = "cpu") -> dict:
+    """The serial GPT trained on the same batches with the same AdamW: losses, step-1 grads, final
+    weights (returned on the CPU). `device`: where it runs; the attention-dropout masks come from
+    the device's generator (`models.gpt._attention_keep_mask`), so compare a GPU run with a GPU
+    reference."""
     config = TrainConfig(case.model, case.plan, STEPS, SEED, case.dtype, "synthetic", progress=False)
     model = init_gpt(case.model, SEED)
     initial = initial_state(case)
     if initial is not None:
         model.load_state_dict(initial)
     initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    torch.backends.cuda.matmul.allow_tf32 = False  # as on the ranks (`train_cases`): exact comparisons
+    model.to(device)
     decayed = [param for param in model.parameters() if param.dim() >= 2]  # Megatron: no decay on biases, norms
     others = [param for param in model.parameters() if param.dim() < 2]
     groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}]
@@ -201,14 +206,16 @@ def serial_reference(case: Case) -> dict:
     losses, grads = [], None
     for step in range(STEPS):
         batch = source.global_batch(step, case.plan.global_batch_size, case.model.seq_length)
+        batch = batch.to(device)
         loss = model(batch[:, :-1], batch[:, 1:], DropoutKey(SEED, step, 0))
         loss.backward()
         losses.append(loss.item())
         if step == 0:
-            grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+            grads = {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
         optimizer.step()
         optimizer.zero_grad()
-    return {"losses": losses, "grads": grads, "state": model.state_dict(), "initial_state": initial}
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    return {"losses": losses, "grads": grads, "state": state, "initial_state": initial}
 
 
 def training_mismatches(got: dict, want: dict, case: Case, tolerances: Tolerances = Tolerances()) -> list[str]:

@@ -6,7 +6,8 @@ or stuck rank turning into an error within 60 s.
 
 Skipped without CUDA (tests/conftest.py); each multi-rank case is skipped when
 torch.cuda.device_count() is below its world size (NCCL cannot put two ranks on one GPU).
-The reference is the serial GPT on the CPU; TF32 is off, so fp32 GPU results differ from it by
+The reference is the serial GPT on cuda:0 (attention-dropout masks come from the device's
+generator, `models.gpt._attention_keep_mask`); TF32 is off, so fp32 GPU results differ from it by
 reduction order only (tolerances 10x those of the gloo suite, still 100x below a misplaced shard).
 """
 
@@ -76,7 +77,7 @@ def runs():
 def test_layout_matches_serial_on_nccl(runs, case):
     if case.plan.world_size > GPUS:
         pytest.skip(f"needs {case.plan.world_size} GPUs, {GPUS} visible")
-    got, want = runs[case.name], serial_reference(case)
+    got, want = runs[case.name], serial_reference(case, "cuda:0")
     problems = []
     for rank, report in enumerate(got["reports"]):
         expected_mode = "batched" if case.plan.pipeline_parallel > 1 else "none"

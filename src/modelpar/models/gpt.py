@@ -110,7 +110,9 @@ def dropout_keep_mask(shape, p: float, key: DropoutKey, layer: int, site: Dropou
     Element (c_0, c_1, ...) of the global tensor (c_0 counted from ``key.sample_offset``) is
     kept iff hash(seed, step, layer, site, c_0, c_1, ...) >= p * 2^32, with the hash a chain of
     MurmurHash3 finalizers. Only the local slice is ever materialised; the hash is built up one
-    dimension at a time so only the last step touches every element.
+    dimension at a time so only the last step touches every element. Attention probabilities
+    [b, heads, s, s] draw each (sample, head) slab from a seeded generator instead
+    (`_attention_keep_mask`).
     """
     offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
     if len(offsets) != len(shape):
@@ -118,6 +120,8 @@ def dropout_keep_mask(shape, p: float, key: DropoutKey, layer: int, site: Dropou
     h = 0
     for part in (key.seed & _MASK32, (key.seed >> 32) & _MASK32, key.step & _MASK32, layer & _MASK32, int(site)):
         h = _combine(h, part)
+    if site == DropoutSite.ATTENTION_PROBS and len(shape) == 4:
+        return _attention_keep_mask(shape, p, key, h, offsets, device)
     hashed = torch.tensor(h, dtype=torch.int64, device=device)
     for dim, (size, offset) in enumerate(zip(shape, offsets)):
         start = offset + (key.sample_offset if dim == 0 else 0)
@@ -125,6 +129,34 @@ def dropout_keep_mask(shape, p: float, key: DropoutKey, layer: int, site: Dropou
         hashed = _combine(hashed.unsqueeze(-1), coords)
     threshold = int(round(p * 2**32))
     return hashed >= threshold
+
+
+def _attention_keep_mask(shape, p: float, key: DropoutKey, site_hash: int, offsets, device) -> torch.Tensor:
+    """Keep-mask of attention probabilities [b, heads, s_q, s_k]: one [s_q, s_k] slab per (global
+    sample, global head), drawn from the device's counter-based generator seeded with
+    hash(seed, step, layer, site, sample, head).
+
+    Tensor, pipeline and data parallelism never split a slab (heads and samples are split, rows
+    and keys are not), so every layout draws the same slabs as the serial model, at the cost of the
+    generator (torch.rand) instead of a 20-operation integer hash per element: the attention
+    probabilities hold a s / h times more values than a layer's other dropouts, and the hash made
+    them most of a layer's time (BENCHMARKS.md, single GPU). A row range of a slab (offsets[2] > 0,
+    never used by the runtime) is the tail of the rows drawn from 0 (a CPU generator's stream does
+    not depend on how many values are drawn).
+    """
+    batch, heads, rows, keys = shape
+    if offsets[3] != 0:
+        raise ValueError(f"attention dropout masks cannot be split along the keys (offsets {offsets})")
+    keep = torch.empty(shape, dtype=torch.bool, device=device)
+    generator = torch.Generator(device=device if device is not None else "cpu")
+    first_row = offsets[2]
+    for row in range(batch):
+        sample_hash = _combine(site_hash, key.sample_offset + offsets[0] + row)
+        for head in range(heads):
+            generator.manual_seed(_combine(sample_hash, offsets[1] + head))
+            uniform = torch.rand((first_row + rows, keys), generator=generator, device=device)
+            keep[row, head] = uniform[first_row:] >= p
+    return keep
 
 
 def keyed_dropout(x: torch.Tensor, p: float, key: DropoutKey | None, layer: int, site: DropoutSite,
