@@ -167,7 +167,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 # --- train --------------------------------------------------------------------------------------
 
 def _add_train(subparsers) -> None:
-    from modelpar.train import add_train_arguments
+    from modelpar.train_cli import add_train_arguments
 
     parser = subparsers.add_parser("train", help="run real training on torch.distributed")
     add_train_arguments(parser)
@@ -175,7 +175,7 @@ def _add_train(subparsers) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from modelpar.train import train_command
+    from modelpar.train_cli import train_command
 
     return train_command(args)
 
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--json", action="store_true", help="print one JSON document")
     val.set_defaults(func=cmd_validate)
 
-    _add_train(subparsers)  # modelpar.train imports torch only inside its functions
+    _add_train(subparsers)  # modelpar.train(_cli) import torch only inside their functions
     _add_simulate(subparsers)
     _add_profile(subparsers)
     return parser

@@ -55,6 +55,13 @@ operation repeatedly for a fixed time, so time slices of an oversubscribed host 
   every group and for pipeline sends. (A point-to-point send is timed too and reported in the
   raw data: with k > cores, a lone pair of ranks is faster than a ring step among k busy ranks.)
 
+- collectives inside tensor-parallel layers (k > 1): the runtime's own tensor-parallel layers
+  (`TENSOR_REFERENCE_LAYERS`, split over the k ranks, inside a stack) and the alpha-beta link
+  that makes the cost model reproduce them on top of its compute (`fit_tensor_link`) ->
+  `tensor_bandwidth_gb_per_s`, `tensor_latency_us`, used for tensor-parallel collectives. An
+  isolated collective (above) finds the other ranks waiting; inside a layer its threads
+  compete with the GEMMs of every rank for the same cores.
+
 Not measured: power (a nominal CPU package power shared by the ranks) and memory capacity
 (the host's RAM shared by the ranks). The result is written as plain ClusterSpec JSON to the
 cache (`specs.local`) and read back by `--cluster local`.
@@ -119,6 +126,11 @@ GPU_LINEAR_SHAPES = (
 GPU_BATCHED_SHAPES = ((64, 1024, 64), (128, 1024, 128), (64, 2048, 128))
 GPU_ELEMENTWISE_SIZES = (2**22, 2**24, 2**26)
 REFERENCE_STACK = 8
+TENSOR_REFERENCE_LAYERS = ((384, 8, 1536, 64, 2), (128, 8, 512, 256, 1), (192, 8, 768, 96, 3))
+"""Reference layers for the tensor-parallel fit (8 heads: any k in 1, 2, 4, 8 divides them)."""
+TENSOR_COLLECTIVES_PER_LAYER = 4
+"""All-reduces one tensor-parallel layer issues per forward + backward (`cost.tensor_comm_per_layer`):
+the row-parallel outputs of attention and MLP, and the column-parallel input gradients."""
 """Distinct layers a reference layer is timed among (`_measure_reference_layers`)."""
 GPU_REFERENCE_LAYERS = ((1024, 16, 4096, 1024, 4), (2048, 16, 8192, 1024, 2), (768, 12, 3072, 2048, 4))
 GPU_DROPOUT_SHAPES = ((4, 16, 1024, 1024), (4, 1024, 1024), (4, 1024, 1024))
@@ -394,6 +406,70 @@ def _measure_reference_layers(bench: _Bench) -> list[tuple[float, float]]:
     return seconds
 
 
+def _measure_tensor_parallel_layers(bench: _Bench) -> list[float]:
+    """Seconds of forward + backward of one tensor-parallel reference layer split over all the
+    ranks of the profile (the runtime's own ParallelAttention / ParallelMLP, no sequence
+    parallelism, no dropout), timed inside a stack of REFERENCE_STACK layers; none with --fast
+    or a single rank."""
+    import torch.distributed as dist
+
+    from modelpar.models.gpt import DropoutKey, TransformerLayer
+    from modelpar.runtime.tensor_parallel import ParallelAttention, ParallelMLP
+
+    if bench.options.fast or dist.get_world_size() == 1:
+        return []
+    seconds = []
+    for hidden, heads, mlp, seq, batch in TENSOR_REFERENCE_LAYERS:
+        spec = reference_layer_spec(hidden, heads, mlp, seq)
+        layers = []
+        for index in range(REFERENCE_STACK):
+            layer = TransformerLayer(spec, index)
+            layer.attention = ParallelAttention.from_serial(layer.attention, None, False)
+            layer.mlp = ParallelMLP.from_serial(layer.mlp, None, False)
+            layers.append(layer.to(bench.device, bench.dtype))
+        x, grad = bench.tensor(batch, seq, hidden, grad=True), bench.tensor(batch, seq, hidden)
+        key = DropoutKey(0, 0)
+
+        def stack():
+            hidden_states = x
+            for layer in layers:
+                hidden_states = layer(hidden_states, key)
+            hidden_states.backward(grad)
+
+        dist.barrier()
+        seconds.append(bench.seconds_per_call(stack) / REFERENCE_STACK)
+    return seconds
+
+
+def fit_tensor_link(device: DeviceSpec, ranks: int, layer_seconds: list[float]) -> tuple[float, float] | None:
+    """(bandwidth B/s, latency s) of the all-reduces inside tensor-parallel layers, chosen so that
+    `compute.layer_compute` at t = `ranks` plus TENSOR_COLLECTIVES_PER_LAYER ring all-reduces of
+    the [b, s, h] activation, 2 (k-1)/k S/W + 2 (k-1) a each, reproduces the measured reference
+    layers (non-negative least squares on relative error). None when nothing is left for the
+    collectives or no latency / bandwidth fits. On a CPU the collectives' threads compete with
+    the GEMMs on the same cores, so this link is slower than an isolated collective's."""
+    from modelpar.planner import compute
+
+    if ranks < 2 or not layer_seconds:
+        return None
+    rows, times = [], []
+    for (hidden, heads, mlp, seq, batch), measured in zip(TENSOR_REFERENCE_LAYERS, layer_seconds):
+        layer = compute.layer_compute(reference_layer_spec(hidden, heads, mlp, seq), device, batch, ranks, False, "none")
+        left = measured - layer.forward_s - layer.backward_s
+        if left <= 0:
+            continue
+        activation = batch * seq * hidden * compute.value_bytes(device)
+        per = TENSOR_COLLECTIVES_PER_LAYER
+        rows.append([per * 2 * (ranks - 1) / ranks * activation, per * 2 * (ranks - 1)])
+        times.append(left)
+    if not rows:
+        return None
+    inverse_bandwidth, latency = _nonnegative_relative_fit(rows, times)
+    if inverse_bandwidth <= 0:
+        return None
+    return 1.0 / inverse_bandwidth, latency
+
+
 def _while_others_compute(bench: _Bench, measure):
     """`measure()` on each rank in turn while the other ranks multiply matrices (as in training,
     where a rank's memory-bound kernels rarely coincide with the same kernels on the others);
@@ -444,6 +520,7 @@ def _measure_device(bench: _Bench, value_bytes: int) -> dict:
         "gemm": _measure_gemms(bench, value_bytes),
         "elementwise": _measure_elementwise(bench, value_bytes),
         "reference_layers": _measure_reference_layers(bench),
+        "tensor_layers": _measure_tensor_parallel_layers(bench),
         "dropout_ns_per_element": dropout_s / dropout_elements * 1e9,
         "optimizer_ns_per_parameter": bench.seconds_per_call(optimizer.step) / (tensors * size) * 1e9,
     }
@@ -580,15 +657,20 @@ def shared_host_profile(ranks: int, results: list[dict], host: dict, dtype: str 
         link_bandwidth, latency = fit_link([sample for sample in results[-1]["link"] if sample[0] != "p2p"])
     else:  # one rank never communicates: an in-memory copy
         link_bandwidth, latency = bandwidth, 0.0
+    tensor_layers = [statistics.median(d["tensor_layers"][index] for d in devices)
+                     for index in range(len(devices[0].get("tensor_layers", [])))]
+    tensor_fit = fit_tensor_link(device, ranks, tensor_layers)
     profile = SharedHostProfile(ranks=ranks, device=device, bandwidth_gb_per_s=link_bandwidth / 1e9,
-                                latency_us=latency * 1e6)
+                                latency_us=latency * 1e6,
+                                tensor_bandwidth_gb_per_s=tensor_fit[0] / 1e9 if tensor_fit else None,
+                                tensor_latency_us=tensor_fit[1] * 1e6 if tensor_fit else None)
     summary = {"ranks": ranks, "device_type": devices[0].get("device_type", "cpu"), "threads_per_rank": threads,
                "op_overhead_us": overhead * 1e6,
                "gemm_seconds": gemm, "elementwise_seconds": elementwise,
                "elementwise_block_gb_per_s": bandwidth / 1e9, "reference_layer_seconds": layers,
                "dropout_benchmark_ns_per_element": _median_over_ranks(
                    results, lambda r: r["device"]["dropout_ns_per_element"]),
-               "collective_seconds": results[-1]["link"]}
+               "collective_seconds": results[-1]["link"], "tensor_layer_seconds": tensor_layers}
     return profile, summary
 
 
@@ -661,7 +743,10 @@ def profile_machine(options: ProfileOptions = ProfileOptions(), timeout_s: float
             log(f"{ranks} rank(s): GEMM {device.peak_tflops * 1e3:.1f} GFLOP/s, operands "
                 f"{device.matmul_operand_bandwidth_gb_per_s:.1f} GB/s, memory {device.memory_bandwidth_gb_per_s:.1f} "
                 f"GB/s, op {device.kernel_overhead_us:.1f} us, dropout {device.dropout_ns_per_element:.1f} ns/el, "
-                f"link {profile.bandwidth_gb_per_s:.2f} GB/s + {profile.latency_us:.0f} us "
+                f"link {profile.bandwidth_gb_per_s:.2f} GB/s + {profile.latency_us:.0f} us"
+                + (f", in tensor-parallel layers {profile.tensor_bandwidth_gb_per_s:.2f} GB/s + "
+                   f"{profile.tensor_latency_us:.0f} us" if profile.tensor_bandwidth_gb_per_s else "")
+                + " "
                 f"({time.perf_counter() - started:.1f} s)")
     return build_cluster(profiles, host, backend == "nccl"), {
         "host": host, "backend": backend, "dtype": options.dtype, "fast": options.fast, "profiles": summaries,

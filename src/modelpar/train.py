@@ -16,14 +16,15 @@ One step on every rank:
    linear or cosine decay); AdamW (ZeRO-1 shards it over the data group; bf16 keeps fp32 master
    weights) decays weight matrices and embeddings but not biases and norm weights.
 
+A run resumed from a checkpoint (`runtime.checkpoint`: weights, AdamW state, step count; any
+layout) continues at the saved step: batches, dropout keys and the learning rate follow it.
+
 This module imports torch only inside functions, so `modelpar --help` and `modelpar plan` start fast.
-The command line (`modelpar train`, contract in DESIGN.md) is `add_train_arguments` + `train_command`.
+The command line (`modelpar train`, contract in DESIGN.md) is `modelpar.train_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
 import sys
@@ -31,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 from modelpar.runtime.prediction import try_predict
-from modelpar.specs import ModelSpec, ParallelPlan, SpecError, load_cluster, load_model, load_plan
+from modelpar.specs import ModelSpec, ParallelPlan, SpecError
 
 DEFAULT_STEPS = 20
 DEFAULT_MICRO_BATCH_SIZE = 2
@@ -59,12 +60,15 @@ class TrainConfig:
     bucket_bytes: int = 25 * 2**20
     progress: bool = True
     crash_rank: int | None = None
-    load_checkpoint: str | None = field(default=None, metadata={"doc": "start from this serial-layout checkpoint"})
-    save_checkpoint: str | None = field(default=None, metadata={"doc": "write the final weights here (serial layout)"})
+    load_checkpoint: str | None = field(default=None, metadata={
+        "doc": "resume from this checkpoint (`runtime.checkpoint`, any layout): weights, AdamW state, step"})
+    save_checkpoint: str | None = field(default=None, metadata={
+        "doc": "write the final weights, AdamW state and step count here (serial layout)"})
     clip_grad: float = field(default=DEFAULT_CLIP_GRAD, metadata={"doc": "max global gradient norm; 0: no clipping"})
     lr_warmup_steps: int = field(default=0, metadata={"doc": "linear warmup steps (`runtime.lr_schedule`)"})
     lr_decay_style: str = field(default="constant", metadata={"doc": "after warmup: constant | linear | cosine"})
-    lr_decay_steps: int | None = field(default=None, metadata={"doc": "step where decay ends; None: `steps`"})
+    lr_decay_steps: int | None = field(default=None, metadata={
+        "doc": "step where decay ends; None: the last step (resumed: checkpoint steps + `steps`)"})
     min_learning_rate: float = field(default=0.0, metadata={"doc": "floor of the linear / cosine decay"})
     decay_norms_and_biases: bool = field(default=False, metadata={
         "doc": "False (Megatron-LM / nanoGPT convention): weight decay on weight matrices and embeddings, "
@@ -99,6 +103,7 @@ def validate_training(config: TrainConfig) -> None:
     """Everything that can be checked before a rank starts; raises SpecError (one line)."""
     from modelpar.data import make_token_source
     from modelpar.models.parallelize import check_tensor_parallel
+    from modelpar.runtime.checkpoint import read_checkpoint_for
     from modelpar.runtime.precision import PrecisionPolicy
     from modelpar.runtime.schedules import build_schedule
 
@@ -111,42 +116,35 @@ def validate_training(config: TrainConfig) -> None:
     PrecisionPolicy(config.dtype)
     if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps < 1:
         raise SpecError(f"--steps must be a positive integer, got {config.steps!r}")
-    config.lr_schedule.check(config.steps)
+    start_step = 0
+    if config.load_checkpoint is not None:
+        start_step = read_checkpoint_for(config.load_checkpoint, model).completed_steps
+    if config.save_checkpoint is not None and not os.path.isdir(os.path.dirname(os.path.abspath(
+            config.save_checkpoint))):
+        raise SpecError(f"--save-checkpoint {config.save_checkpoint}: no such directory; create it first")
+    config.lr_schedule.check(start_step + config.steps)  # a resumed run continues the schedule
     if not _is_real(config.clip_grad) or not 0 <= config.clip_grad < float("inf"):
         raise SpecError(f"--clip-grad must be a finite number >= 0 (0 turns clipping off), got {config.clip_grad!r}")
     if not _is_real(config.weight_decay) or not 0 <= config.weight_decay < float("inf"):
         raise SpecError(f"--weight-decay must be a finite number >= 0, got {config.weight_decay!r}")
     source = make_token_source(config.data_path, model.vocab_size, config.seed)
     source.global_batch(0, 1, model.seq_length)  # a text shorter than one sequence fails here
-    if config.load_checkpoint is not None:
-        _check_checkpoint_matches(config.load_checkpoint, model)
 
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_checkpoint_matches(path: str, model: ModelSpec) -> None:
-    from modelpar.models.gpt import init_gpt
-    from modelpar.runtime.checkpoint import load_checkpoint
-
-    state, _ = load_checkpoint(path)
-    expected = {name: tuple(t.shape) for name, t in init_gpt(model, 0).state_dict().items()}
-    got = {name: tuple(t.shape) for name, t in state.items()}
-    if got != expected:
-        wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
-        raise SpecError(f"--load-checkpoint {path}: does not match model '{model.name}' (first difference: "
-                        f"{wrong[0]}); load a checkpoint of the same model")
-
-
 class RankTrainer:
     """One rank's share of the training: its pipeline chunks (tensor-parallel modules inside),
     the schedule executor, data-parallel reducers and the optimizer.
 
-    `initial_state`: a serial state dict to start from (a checkpoint) instead of `init_gpt(seed)`.
+    `initial_state`: start from a serial state dict (weights only) or a `runtime.checkpoint.Checkpoint`
+    (weights, fp32 master weights, AdamW state, and the step to continue from: `start_step`)
+    instead of `init_gpt(seed)` at step 0.
     """
 
-    def __init__(self, config: TrainConfig, ctx, initial_state: dict | None = None) -> None:
+    def __init__(self, config: TrainConfig, ctx, initial_state=None) -> None:
         import torch
         import torch.distributed as dist
         from torch import nn
@@ -154,6 +152,7 @@ class RankTrainer:
         from modelpar.data import make_token_source
         from modelpar.models.gpt import init_gpt
         from modelpar.models.parallelize import parallelize
+        from modelpar.runtime.checkpoint import Checkpoint
         from modelpar.runtime.data_parallel import GradientReducer
         from modelpar.runtime.pipeline import (PipelineExecutor, PipelineTopology, Timeline, build_chunks,
                                                tied_parameters)
@@ -171,9 +170,11 @@ class RankTrainer:
         self.source = make_token_source(config.data_path, spec.vocab_size, config.seed)
         self.lr_schedule = config.lr_schedule
 
+        checkpoint = Checkpoint(initial_state) if isinstance(initial_state, dict) else initial_state
+        self.start_step = checkpoint.completed_steps if checkpoint is not None else 0
         serial = init_gpt(spec, config.seed)
-        if initial_state is not None:
-            serial.load_state_dict(initial_state)
+        if checkpoint is not None:  # the master weights, if saved: the optimizer copies them below
+            checkpoint.load_weights(serial)
         model = parallelize(serial, ctx, plan.sequence_parallel)
         self.chunks = build_chunks(model, ctx.pipeline_rank, p, v)
         self.modules = nn.ModuleList(self.chunks)
@@ -191,6 +192,8 @@ class RankTrainer:
             self.optimizer = ZeroOneAdamW(params, ctx.data_group if self.zero else None, **adamw)
         else:
             self.optimizer = AdamW(params, **adamw)
+        if checkpoint is not None and checkpoint.has_optimizer_state:
+            self._load_optimizer_state(checkpoint)
         self.policy.cast_model(self.modules)
         # bf16: micro-batch gradients accumulate in fp32 main_grad; hooks registered before the reducers'
         self.main_grads = MainGradients(params) if self.policy.mixed else None
@@ -208,6 +211,18 @@ class RankTrainer:
             (plan.micro_batch_size, local_seq, spec.hidden_size), self.policy.compute_dtype, ctx.device,
             grad_reducers=self.reducers, loss_fn=self.policy.loss_for_backward, timeline=self.timeline,
         )
+
+    def _load_optimizer_state(self, checkpoint) -> None:
+        """Cut this rank's parameters' moments from the checkpoint's serial ones (the optimizer keeps
+        its ZeRO-1 slice)."""
+        from modelpar.runtime.checkpoint import shard_parameter_tensors
+        from modelpar.runtime.zero import OptimizerState
+
+        tied, params = self.spec.tied_embeddings, self.optimizer.params
+        exp_avg, exp_avg_sq = (shard_parameter_tensors(self.chunks, self.ctx, serial, tied)
+                               for serial in (checkpoint.exp_avg, checkpoint.exp_avg_sq))
+        self.optimizer.import_state(OptimizerState([exp_avg[id(p)] for p in params],
+                                                   [exp_avg_sq[id(p)] for p in params], checkpoint.optimizer_steps))
 
     def _init_grad_norm(self) -> None:
         """Counting weights of this rank's gradient elements in the global norm (`runtime.grad_norm`),
@@ -249,7 +264,7 @@ class RankTrainer:
         from modelpar.models.parallelize import sync_tensor_parallel_grads
         from modelpar.runtime.data_parallel import all_reduce_gradients
 
-        if self.config.crash_rank == self.ctx.rank and step == 1:
+        if self.config.crash_rank == self.ctx.rank and step == self.start_step + 1:
             os._exit(17)
         plan, ctx, b = self.plan, self.ctx, self.plan.micro_batch_size
         batch = self.source.global_batch(step, plan.global_batch_size, self.spec.seq_length)
@@ -282,7 +297,7 @@ class RankTrainer:
                 factor = clip_factor(norm, self.config.clip_grad)
                 if factor < 1.0:
                     self.optimizer.scale_gradients(factor)
-            self.optimizer.lr = self.lr_schedule.at(self.optimizer.steps, self.config.steps)
+            self.optimizer.lr = self.lr_schedule.at(self.completed_steps, self.start_step + self.config.steps)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.grad_norms.append(norm)
@@ -295,6 +310,19 @@ class RankTrainer:
         return loss
 
     # -- gathering ----------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str, metadata: dict | None = None) -> None:
+        """Write the weights, AdamW state (and fp32 master weights in bf16) and the number of steps
+        done, in the serial layout (`runtime.checkpoint`), from global rank 0. Collective."""
+        from modelpar.runtime.checkpoint import save_checkpoint
+
+        save_checkpoint(path, self.chunks, self.ctx, metadata, self.optimizer, tied=self.spec.tied_embeddings,
+                        master_weights=self.policy.mixed, completed_steps=self.completed_steps)
+
+    @property
+    def completed_steps(self) -> int:
+        """Training steps done: the checkpoint's, plus the optimizer steps of this trainer."""
+        return self.start_step + len(self.grad_norms)
+
     def full_state_dict(self):
         """Serial state dict on global rank 0 (None elsewhere). Collective."""
         from modelpar.runtime.checkpoint import gather_full_state_dict
@@ -371,14 +399,13 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
     import torch
     import torch.distributed as dist
 
-    from modelpar.runtime.checkpoint import load_checkpoint, save_checkpoint
+    from modelpar.runtime.checkpoint import read_checkpoint
     from modelpar.runtime.instrument import (COLLECTIVE_KIND, LAUNCH_KIND, ActivationTracker,
                                              layer_activation_bytes, model_state_bytes, timed_collectives)
     from modelpar.runtime.mesh import ParallelContext, ParallelDims
 
     ctx = ParallelContext(ParallelDims.from_plan(config.plan))
-    initial_state = load_checkpoint(config.load_checkpoint)[0] if config.load_checkpoint else None
-    trainer = RankTrainer(config, ctx, initial_state)
+    trainer = RankTrainer(config, ctx, read_checkpoint(config.load_checkpoint) if config.load_checkpoint else None)
     on_cuda = getattr(ctx.device, "type", "cpu") == "cuda"
     tracker = None
     if not on_cuda:  # CPU: activation memory from saved-tensor hooks (CUDA: the allocator's peak)
@@ -395,8 +422,8 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
     totals: dict[str, float] = {}  # seconds by event kind (compute, recv, send, grad_sync, ...) over all steps
     dist.barrier()
     with timed_collectives(trainer.timeline):
-        for step in range(config.steps):
-            if step == config.steps - 1 and step > 0:
+        for step in range(trainer.start_step, trainer.start_step + config.steps):
+            if step == trainer.start_step + config.steps - 1 and step > trainer.start_step:
                 dist.barrier()  # the recorded timeline is the last step's, from a common start on every rank
             start = time.perf_counter()
             loss = trainer.forward_backward(step)
@@ -427,15 +454,15 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
     if tracker is not None:
         tracker.detach()
     if config.save_checkpoint:
-        save_checkpoint(config.save_checkpoint, trainer.chunks, ctx,
-                        {"model": config.model.name, "plan": config.plan.to_dict(), "steps": config.steps,
-                         "seed": config.seed, "dtype": config.dtype})
+        trainer.save_checkpoint(config.save_checkpoint, {"model": config.model.name, "plan": config.plan.to_dict(),
+                                                         "steps": config.steps, "seed": config.seed,
+                                                         "dtype": config.dtype})
     warm = slice(1, None) if config.steps > 1 else slice(None)  # the first step warms up
     if on_cuda:
         peak = peak_memory_bytes(ctx.device)
     else:
         peak = sum(states.values()) + max(activation_peaks)
-    mine = {"rank": rank, "losses": losses, "grad_norms": trainer.grad_norms,
+    mine = {"rank": rank, "start_step": trainer.start_step, "losses": losses, "grad_norms": trainer.grad_norms,
             "learning_rates": trainer.learning_rates, "step_times_s": step_times,
             "step_events": step_events[warm],
             "peak_memory_bytes": peak, "peak_rss_bytes": peak_memory_bytes("cpu"),
@@ -546,196 +573,32 @@ def summarise(config: TrainConfig, rank_results: list[dict], peak_tflops: float,
     }
     return {
         "model": model.name, "plan": plan.to_dict(), "dtype": config.dtype, "steps": config.steps,
-        "seed": config.seed, "world_size": world,
+        "start_step": first["start_step"], "seed": config.seed, "world_size": world,
         "data": make_token_source(config.data_path, model.vocab_size, config.seed).description,
         "losses": first["losses"], "grad_norms": first["grad_norms"], "learning_rates": first["learning_rates"],
-        "optimizer": optimizer_summary(config), "step_time_s": step_time, "tokens_per_s": measured["tokens_per_s"],
-        "mfu": measured["mfu"], "peak_memory_bytes": measured["peak_memory_bytes"],
+        "optimizer": optimizer_summary(config, first["start_step"]), "step_time_s": step_time,
+        "tokens_per_s": measured["tokens_per_s"], "mfu": measured["mfu"],
+        "peak_memory_bytes": measured["peak_memory_bytes"],
         "measured": measured, "predicted": predicted, "relative_error": relative_errors(predicted, measured),
         "compared_keys": list(COMPARED_KEYS), "measurement": details,
         "timeline": {str(r["rank"]): r["last_step_timeline"] for r in rank_results},
     }
 
 
-def optimizer_summary(config: TrainConfig) -> dict:
-    """The optimizer settings of a run, for its JSON summary."""
+def optimizer_summary(config: TrainConfig, start_step: int = 0) -> dict:
+    """The optimizer settings of a run (resumed after `start_step` steps), for its JSON summary."""
     return {"learning_rate": config.learning_rate, "lr_warmup_steps": config.lr_warmup_steps,
             "lr_decay_style": config.lr_decay_style,
-            "lr_decay_steps": config.lr_schedule.decay_end(config.steps),
+            "lr_decay_steps": config.lr_schedule.decay_end(start_step + config.steps),
             "min_learning_rate": config.min_learning_rate, "weight_decay": config.weight_decay,
             "decay_norms_and_biases": config.decay_norms_and_biases, "clip_grad": config.clip_grad}
 
 
-# --- command line --------------------------------------------------------------------------------------
+if __name__ == "__main__":  # `python -m modelpar.train ...`: the command line
+    from modelpar.train_cli import main
 
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from modelpar.cli import _positive_int  # the CLI's argument types; cli imports this module lazily
-
-    """The `modelpar train` flags (DESIGN.md contract). Plan flags override a --plan file's fields;
-    anything left unset takes the runtime default (`complete_plan`)."""
-    parser.add_argument("--model", required=True, help="model preset name or JSON file (e.g. gpt-tiny)")
-    parser.add_argument("--plan", help="plan JSON file (a `modelpar plan --json` document works too)")
-    group = parser.add_argument_group("plan (override --plan; defaults: 1 x 1 x 1, 1f1b, b=2, m=2p)")
-    group.add_argument("--tensor-parallel", type=_positive_int, help="tensor-parallel degree t")
-    group.add_argument("--pipeline-parallel", type=_positive_int, help="pipeline stages p")
-    group.add_argument("--data-parallel", type=_positive_int, help="data-parallel replicas d")
-    group.add_argument("--virtual-stages", type=_positive_int, help="chunks per pipeline rank v (interleaved)")
-    group.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"])
-    group.add_argument("--micro-batch-size", type=_positive_int, help="sequences per micro-batch b")
-    group.add_argument("--global-batch-size", type=_positive_int, help="sequences per step B")
-    group.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
-                       help="Megatron sequence parallelism (needs t > 1 to matter)")
-    group.add_argument("--recompute", choices=["none", "selective", "full"])
-    group.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="0 or 1 (ZeRO-1) in the runtime")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", help="text file (byte-level tokens), or 'synthetic'; default: the packaged corpus")
-    optimizer = parser.add_argument_group("optimizer (AdamW, betas 0.9/0.95)")
-    optimizer.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE, help="peak learning rate")
-    optimizer.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
-    optimizer.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant",
-                           help="after the warmup (default constant)")
-    optimizer.add_argument("--lr-decay-steps", type=int, help="step where the decay reaches --min-learning-rate "
-                                                               "(default: --steps)")
-    optimizer.add_argument("--min-learning-rate", type=float, default=0.0, help="floor of the decay (default 0)")
-    optimizer.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
-                           help="decoupled weight decay of weight matrices and embeddings (not biases and norm "
-                                f"weights; default {DEFAULT_WEIGHT_DECAY})")
-    optimizer.add_argument("--clip-grad", type=float, default=DEFAULT_CLIP_GRAD, metavar="NORM",
-                           help="clip the global gradient norm to NORM (default 0: off; Megatron uses 1.0)")
-    parser.add_argument("--cluster", help="cluster preset/JSON/'local' for the planner's prediction and the MFU peak "
-                                          "(default on CPU: the `modelpar profile` of this machine, if any)")
-    parser.add_argument("--load-checkpoint", metavar="PATH", help="start from a checkpoint (serial layout, any plan)")
-    parser.add_argument("--save-checkpoint", metavar="PATH", help="save the final weights (serial layout)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are declared stuck")
-    parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
-    parser.add_argument("--png", help="draw the predicted and measured timelines of the last step side by side")
-    parser.add_argument("--trace", help="write the measured per-rank timeline as Chrome trace JSON (Perfetto)")
-
-
-def optimizer_options_from_args(args: argparse.Namespace) -> dict:
-    """The optimizer flags as `run_training` keyword arguments (validated by `validate_training`)."""
-    return {"weight_decay": args.weight_decay, "clip_grad": args.clip_grad, "lr_warmup_steps": args.lr_warmup_steps,
-            "lr_decay_style": args.lr_decay_style, "lr_decay_steps": args.lr_decay_steps,
-            "min_learning_rate": args.min_learning_rate}
-
-
-def plan_from_args(args: argparse.Namespace) -> ParallelPlan:
-    base = load_plan(args.plan) if args.plan else ParallelPlan()
-    changes = {key: getattr(args, key) for key in (
-        "tensor_parallel", "pipeline_parallel", "data_parallel", "virtual_stages", "schedule", "micro_batch_size",
-        "global_batch_size", "sequence_parallel", "recompute", "zero_stage") if getattr(args, key, None) is not None}
-    return complete_plan(base.with_(**changes))
-
-
-def train_command(args: argparse.Namespace) -> int:
-    """`modelpar train`: SpecError propagates (the CLI prints it, exit 2); a failed rank is exit 1."""
-    from modelpar.runtime.launch import RankFailure
-
-    model = load_model(args.model)
-    plan = plan_from_args(args)
-    cluster = load_cluster(args.cluster) if args.cluster else None
-    try:
-        summary = run_training(model, plan, args.steps, args.seed, args.dtype, args.data,
-                               learning_rate=args.learning_rate, cluster=cluster, timeout_s=args.timeout,
-                               progress=not args.json or sys.stderr.isatty(),
-                               load_checkpoint=args.load_checkpoint, save_checkpoint=args.save_checkpoint,
-                               **optimizer_options_from_args(args))
-    except RankFailure as failure:
-        print(f"modelpar train: error: {str(failure).splitlines()[0]}", file=sys.stderr)
-        return 1
-    if summary is None:  # torchrun rank other than 0
-        return 0
-    write_pictures(summary, model, plan_from_summary(summary), cluster, args.png, args.trace)
-    if args.json:
-        json.dump(summary, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        print_summary(summary)
-    return 0
-
-
-def plan_from_summary(summary: dict) -> ParallelPlan:
-    return ParallelPlan(**summary["plan"])
-
-
-def write_pictures(summary: dict, model, plan: ParallelPlan, cluster, png: str | None, trace: str | None) -> None:
-    """--png: predicted (the planner's simulated schedule, when a cluster is known) above the
-    measured last step; --trace: the measured timeline as Chrome trace JSON."""
-    if not png and not trace:
-        return
-    from modelpar.report.timeline import events_from_runtime, gantt_png, side_by_side_png, write_chrome_trace
-
-    measured = events_from_runtime(summary["timeline"])
-    if trace:
-        write_chrome_trace(measured, trace)
-        summary["trace"] = trace
-    if png:
-        predicted = []
-        if cluster is None:
-            from modelpar.specs.local import load_local_cluster
-
-            try:
-                cluster = load_local_cluster()
-            except SpecError:
-                cluster = None
-        if cluster is not None:
-            from modelpar.simulate import predict_schedule
-
-            predicted = predict_schedule(model, cluster, plan).events
-        if predicted:
-            title = f"{model.name}: predicted (cluster {cluster.name}) vs measured step"
-            side_by_side_png(predicted, measured, png, title=title, share_time_axis=True)
-        else:  # nothing to predict with: run `modelpar profile` or pass --cluster
-            gantt_png(measured, png, title=f"{model.name}: measured step (no cluster for a prediction)")
-        summary["png"] = png
-
-
-def print_summary(summary: dict) -> None:
-    """Human-readable result: the plan, losses, and measured vs predicted step time (compute,
-    communication, bubble), memory and throughput, with the relative error of each."""
-    from rich.console import Console
-
-    from modelpar.runtime.prediction import print_comparison
-
-    plan = summary["plan"]
-    console = Console()
-    console.print(
-        f"[bold]{summary['model']}[/bold] on t{plan['tensor_parallel']} x p{plan['pipeline_parallel']} x "
-        f"d{plan['data_parallel']} ({summary['world_size']} ranks), {plan['schedule']}"
-        f"{' v' + str(plan['virtual_stages']) if plan['virtual_stages'] > 1 else ''}, b={plan['micro_batch_size']}, "
-        f"B={plan['global_batch_size']}, SP={'on' if plan['sequence_parallel'] else 'off'}, "
-        f"recompute={plan['recompute']}, ZeRO-{plan['zero_stage']}, {summary['dtype']}, data: {summary['data']}"
-    )
-    losses, norms, rates = summary["losses"], summary["grad_norms"], summary["learning_rates"]
-    clip = summary["optimizer"]["clip_grad"]
-    console.print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; grad norm "
-                  f"{norms[0]:.3g} -> {norms[-1]:.3g}{f' (clipped to {clip:g})' if clip else ''}; "
-                  f"learning rate {rates[0]:.3g} -> {rates[-1]:.3g}")
-    print_comparison(summary, console)
-    details = summary["measurement"]
-    console.print(f"MFU against {details['peak_tflops_per_device']:.3g} TFLOP/s per rank "
-                  f"({details['peak_tflops_source']})")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m modelpar.train ...` (same flags as `modelpar train`)."""
-    parser = argparse.ArgumentParser(prog="modelpar train")
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return train_command(args)
-    except SpecError as error:
-        print(f"modelpar train: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["TrainConfig", "RankTrainer", "run_training", "complete_plan", "validate_training", "add_train_arguments",
-           "optimizer_options_from_args", "optimizer_summary",
-           "train_command", "main"]
+__all__ = ["TrainConfig", "RankTrainer", "run_training", "complete_plan", "validate_training", "optimizer_summary",
+           "summarise"]

@@ -44,16 +44,17 @@ def test_train_json_summary_and_checkpoint_into_another_layout(tmp_path, capsys)
     assert metadata["plan"]["pipeline_parallel"] == 2
     assert set(state) == set(init_gpt(SPEC, 0).state_dict())
 
-    # the checkpoint of the t2 x p2 run, loaded into a single process: the first loss equals the
-    # serial model's on the same batch
+    # the checkpoint of the t2 x p2 run, resumed on d2: its first step is step 3, whose loss equals
+    # the serial model's on step 3's batch
     second = _train_json(capsys, "--data-parallel", "2", "--steps", "1", "--seed", "4",
                          "--load-checkpoint", str(checkpoint))
+    assert second["start_step"] == 3
     model = init_gpt(SPEC, 0)
     model.load_state_dict(state)
-    batch = make_token_source(None, SPEC.vocab_size, 4).global_batch(0, second["plan"]["global_batch_size"],
+    batch = make_token_source(None, SPEC.vocab_size, 4).global_batch(3, second["plan"]["global_batch_size"],
                                                                     SPEC.seq_length)
     with torch.no_grad():
-        want = model(batch[:, :-1], batch[:, 1:], DropoutKey(4, 0)).item()
+        want = model(batch[:, :-1], batch[:, 1:], DropoutKey(4, 3)).item()
     assert abs(second["losses"][0] / want - 1) < 1e-5
 
 

@@ -247,7 +247,7 @@ def test_train_command_reports_grad_norms_and_trains_a_padded_vocabulary(tmp_pat
     """`modelpar train --json` on t = 2 with a vocabulary of 255: per-step gradient norms, the
     learning rates of the schedule, the optimizer settings; the human summary prints them."""
     from modelpar import cli
-    from modelpar.train import print_summary
+    from modelpar.train_cli import print_summary
 
     model = tmp_path / "odd-vocab.json"
     model.write_text(json.dumps({"name": "odd-vocab", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,

@@ -11,7 +11,8 @@ from modelpar.cli import main
 from modelpar.planner import comm, compute
 from modelpar.planner.constants import KERNEL_OVERHEAD_S, NETWORK_EFFICIENCY
 from modelpar.planner.cost import data_parallel_work, estimate
-from modelpar.profile import (REFERENCE_LAYERS, build_cluster, dropped_elements, fit_bandwidth, fit_gemm,
+from modelpar.profile import (REFERENCE_LAYERS, TENSOR_COLLECTIVES_PER_LAYER, TENSOR_REFERENCE_LAYERS,
+                              fit_tensor_link, build_cluster, dropped_elements, fit_bandwidth, fit_gemm,
                               fit_layer_bandwidth, fit_link, forward_backward_terms, reference_layer_spec,
                               shared_host_profile)
 from modelpar.planner.pipeline import simulate
@@ -122,6 +123,44 @@ def test_layer_bandwidth_fit_recovers_the_bandwidth_that_made_the_layer_times():
         times.append(layer.forward_s + layer.backward_s)
     assert fit_layer_bandwidth(device, times) == pytest.approx(7e9, rel=1e-6)
     assert fit_layer_bandwidth(device, [1e-9] * len(times)) is None
+
+
+def test_tensor_link_fit_recovers_the_link_that_made_the_tensor_parallel_layer_times():
+    device = cpu_device()
+    bandwidth, latency, ranks = 0.4e9, 900e-6, 2
+    link = comm.Link(bandwidth, latency, False)
+    times = []
+    for hidden, heads, mlp, seq, batch in TENSOR_REFERENCE_LAYERS:
+        layer = compute.layer_compute(reference_layer_spec(hidden, heads, mlp, seq), device, batch, ranks, False, "none")
+        activation = batch * seq * hidden * compute.value_bytes(device)
+        times.append(layer.forward_s + layer.backward_s
+                     + TENSOR_COLLECTIVES_PER_LAYER * comm.all_reduce_time(activation, ranks, link))
+    fitted = fit_tensor_link(device, ranks, times)
+    assert fitted[0] == pytest.approx(bandwidth, rel=1e-6) and fitted[1] == pytest.approx(latency, rel=1e-6)
+    assert fit_tensor_link(device, ranks, [1e-9] * len(times)) is None  # nothing left for the collectives
+    assert fit_tensor_link(device, 1, times) is None
+
+
+def test_profiled_tensor_link_prices_tensor_parallel_collectives_only():
+    profiles = tuple(SharedHostProfile(ranks=k, device=cpu_device(), bandwidth_gb_per_s=2.0, latency_us=100.0,
+                                       tensor_bandwidth_gb_per_s=0.5, tensor_latency_us=800.0) for k in (1, 2))
+    cluster = build_cluster(list(profiles), {"cpu": "test", "cores": 2, "memory_gib": 8.0})
+    seen = cluster.for_world_size(2)
+    assert seen.tensor_link == (0.5, 800.0)
+    assert comm.tensor_link(seen, 2).bandwidth == pytest.approx(0.5e9)
+    assert comm.tensor_link(seen, 2).latency_s == pytest.approx(800e-6)
+    assert comm.group_link(seen, 2, 1).bandwidth == pytest.approx(2e9)  # data parallel keeps the isolated link
+    assert load_cluster(json_round_trip(cluster)).for_world_size(2).tensor_link == (0.5, 800.0)
+    with pytest.raises(SpecError, match="tensor_latency_us"):
+        SharedHostProfile(ranks=2, device=cpu_device(), bandwidth_gb_per_s=2.0, latency_us=100.0,
+                          tensor_bandwidth_gb_per_s=0.5)
+
+
+def json_round_trip(cluster: ClusterSpec) -> dict:
+    import dataclasses
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(cluster)))
 
 
 # --- the local cluster file ----------------------------------------------------------------------

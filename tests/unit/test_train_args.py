@@ -10,7 +10,8 @@ import pytest
 
 from modelpar import cli
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
-from modelpar.train import TrainConfig, add_train_arguments, complete_plan, plan_from_args, validate_training
+from modelpar.train import TrainConfig, complete_plan, validate_training
+from modelpar.train_cli import add_train_arguments, plan_from_args
 
 
 def _parse(*argv: str) -> argparse.Namespace:

@@ -108,7 +108,13 @@ def group_link(cluster: ClusterSpec, group_size: int, stride: int) -> Link:
 
 
 def tensor_link(cluster: ClusterSpec, tensor_parallel: int) -> Link:
-    """Tensor-parallel group: t consecutive ranks (stride 1)."""
+    """Tensor-parallel group: t consecutive ranks (stride 1). A profiled host may carry its own
+    link for collectives issued inside tensor-parallel layers (`ClusterSpec.tensor_link`: on a
+    CPU their threads compete with the GEMMs beside them, which an isolated collective does not
+    show)."""
+    if cluster.tensor_link is not None and tensor_parallel > 1:
+        bandwidth_gb_per_s, latency_us = cluster.tensor_link
+        return Link(bandwidth_gb_per_s * 1e9, latency_us * 1e-6, False)
     return group_link(cluster, tensor_parallel, 1)
 
 

@@ -25,6 +25,10 @@ which needs fused kernels. The same recipe runs on CPU and GPU (a bf16 model cop
 master); on CUDA one could instead keep fp32 parameters under `torch.autocast`, which saves no
 parameter memory. Memory: 4 bytes of main gradient per parameter, as the planner counts.
 
+Checkpoints save the fp32 master weights (`ZeroOneAdamW.master_weights`, `runtime.checkpoint`)
+beside the bf16 copy; a resumed run builds its model from them, so the optimizer captures the
+saved master weights, not the rounded copy.
+
 Order matters: the optimizer must capture the fp32 master weights *before* `cast_model`, and
 `MainGradients` must register its hooks *before* a `GradientReducer` registers its own (hooks run
 in registration order; the reducer must see the micro-batch already added to ``main_grad``).

@@ -20,7 +20,10 @@ is a flat-master AdamW, which the bf16 mode uses as its fp32 master optimizer.
 Both optimizers share the interface the training loop drives each step: `reduce_gradients()`
 (ZeRO: steps 1-2 above; plain AdamW: nothing), `gradient_pieces()` (the gradient this rank holds,
 as flat slices of the concatenated parameters, for the global norm: `runtime.grad_norm`),
-`scale_gradients(factor)` (clipping), `lr` (set from the schedule), `step()`, `zero_grad()`.
+`scale_gradients(factor)` (clipping), `lr` (set from the schedule), `step()`, `zero_grad()`, and
+for checkpoints `export_state()` / `import_state(state)` (an `OptimizerState`: the moments of
+each whole local parameter, whatever the sharding; ZeRO-1 all-gathers them over the data group)
+and, for the fp32 master weights of bf16 training, `ZeroOneAdamW.master_weights()`.
 Weight decay is applied only to parameters for which `decays(param)` is true (`decay_matrices`:
 Megatron-LM's and nanoGPT's rule, no decay on biases and norm weights; default: every parameter).
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -42,6 +46,22 @@ from modelpar.runtime.data_parallel import MAIN_GRAD, default_grad_of
 
 GradientPiece = tuple[int, torch.Tensor]
 """(flat offset, 1-D gradient values): a slice of the concatenation of the optimizer's parameters."""
+
+
+@dataclass(frozen=True)
+class OptimizerState:
+    """The Adam state of an optimizer's parameters, for checkpoints: one fp32 tensor per parameter,
+    shaped like it, in the optimizer's parameter order; `steps`: AdamW steps taken (t of the bias
+    corrections 1 - b^t)."""
+
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    steps: int
+
+    def check(self, params: Sequence[torch.Tensor]) -> None:
+        for name, tensors in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            if len(tensors) != len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
+                raise ValueError(f"optimizer state: {name} does not match the parameters' shapes")
 
 
 def decay_matrices(param: torch.Tensor) -> bool:
@@ -139,6 +159,20 @@ class AdamW:
     def zero_grad(self, set_to_none: bool = True) -> None:
         _zero_grads(self.params, set_to_none)
 
+    def export_state(self) -> OptimizerState:
+        """The moments of every parameter (copied by the checkpoint's gather)."""
+        return OptimizerState([m.detach().float() for m in self.exp_avg], [v.detach().float() for v in self.exp_avg_sq],
+                              self.steps)
+
+    @torch.no_grad()
+    def import_state(self, state: OptimizerState) -> None:
+        """Continue from `state` (moments copied into this optimizer's own tensors)."""
+        state.check(self.params)
+        for targets, sources in ((self.exp_avg, state.exp_avg), (self.exp_avg_sq, state.exp_avg_sq)):
+            for target, source in zip(targets, sources):
+                target.copy_(source)
+        self.steps = state.steps
+
 
 def _zero_grads(params: Sequence[nn.Parameter], set_to_none: bool) -> None:
     """Clear ``.grad`` and, in bf16 training, the fp32 ``main_grad``."""
@@ -183,10 +217,8 @@ class ZeroOneAdamW:
         self.numel = sum(p.numel() for p in self.params)
         self.shard_numel = -(-self.numel // self.world_size) if self.numel else 0
         self.padded_numel = self.shard_numel * self.world_size
-        full = torch.zeros(self.padded_numel, dtype=torch.float32, device=device)
-        self._copy_params_into(full)
-        self.shard_start = start = self.rank * self.shard_numel
-        self.master_shard = full[start: start + self.shard_numel].clone()
+        self.shard_start = self.rank * self.shard_numel
+        self.master_shard = self._shard_of(self.params, device)
         self.exp_avg = torch.zeros_like(self.master_shard)
         self.exp_avg_sq = torch.zeros_like(self.master_shard)
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
@@ -213,11 +245,42 @@ class ZeroOneAdamW:
         """Bytes of fp32 master weights + Adam moments held by this rank (12 / d per parameter)."""
         return 3 * 4 * self.shard_numel
 
-    def _copy_params_into(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for param in self.params:
-            flat[offset: offset + param.numel()].copy_(param.detach().reshape(-1))
-            offset += param.numel()
+    @torch.no_grad()
+    def _shard_of(self, tensors: Sequence[torch.Tensor], device) -> torch.Tensor:
+        """This rank's slice (fp32) of the concatenation of `tensors` (shaped like the parameters)."""
+        flat = torch.zeros(self.padded_numel, dtype=torch.float32, device=device)
+        for offset, tensor in zip(flat_offsets(self.params), tensors):
+            flat[offset: offset + tensor.numel()].copy_(tensor.detach().reshape(-1))
+        return flat[self.shard_start: self.shard_start + self.shard_numel].clone()
+
+    @torch.no_grad()
+    def _whole(self, shard: torch.Tensor) -> list[torch.Tensor]:
+        """Every parameter's part of a flat sharded vector (all-gathered over the group: collective),
+        shaped like the parameter."""
+        if self.world_size > 1:
+            full = torch.empty(self.padded_numel, dtype=shard.dtype, device=shard.device)
+            _all_gather(full, shard.contiguous(), self.group)
+        else:
+            full = shard
+        return [full[offset: offset + param.numel()].view(param.shape).clone()
+                for offset, param in zip(flat_offsets(self.params), self.params)]
+
+    def export_state(self) -> OptimizerState:
+        """The whole moments of this rank's parameters. Collective over the data group."""
+        return OptimizerState(self._whole(self.exp_avg), self._whole(self.exp_avg_sq), self.steps)
+
+    def master_weights(self) -> list[torch.Tensor]:
+        """The fp32 master weights of this rank's parameters. Collective over the data group."""
+        return self._whole(self.master_shard)
+
+    @torch.no_grad()
+    def import_state(self, state: OptimizerState) -> None:
+        """Take this rank's slice of whole per-parameter moments (the master weights come from the
+        parameters at construction)."""
+        state.check(self.params)
+        self.exp_avg.copy_(self._shard_of(state.exp_avg, self.exp_avg.device))
+        self.exp_avg_sq.copy_(self._shard_of(state.exp_avg_sq, self.exp_avg_sq.device))
+        self.steps = state.steps
 
     def _flat_grads(self) -> torch.Tensor:
         flat = torch.zeros(self.padded_numel, dtype=torch.float32, device=self.master_shard.device)

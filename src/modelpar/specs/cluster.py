@@ -90,8 +90,24 @@ class SharedHostProfile:
     device: DeviceSpec = field(metadata={"doc": "One rank's device while `ranks` ranks run."})
     bandwidth_gb_per_s: float = field(metadata={"doc": "Per-rank collective bandwidth, GB/s (measured)."})
     latency_us: float = field(metadata={"doc": "Per-message (per ring step) latency, us (measured)."})
+    tensor_bandwidth_gb_per_s: float | None = field(default=None, metadata={
+        "doc": "Collective bandwidth inside tensor-parallel layers, GB/s: fitted so that the cost model "
+               "reproduces the runtime's own tensor-parallel layers (`modelpar profile`); None: the link above."})
+    tensor_latency_us: float | None = field(default=None, metadata={
+        "doc": "Per-message latency of the same fit, us."})
 
     def __post_init__(self) -> None:
+        if (self.tensor_bandwidth_gb_per_s is None) != (self.tensor_latency_us is None):
+            raise SpecError(f"shared_host ranks={self.ranks}: give both tensor_bandwidth_gb_per_s and "
+                            f"tensor_latency_us, or neither")
+        if self.tensor_bandwidth_gb_per_s is not None and (
+                isinstance(self.tensor_bandwidth_gb_per_s, bool)
+                or not isinstance(self.tensor_bandwidth_gb_per_s, (int, float)) or self.tensor_bandwidth_gb_per_s <= 0
+                or isinstance(self.tensor_latency_us, bool) or not isinstance(self.tensor_latency_us, (int, float))
+                or self.tensor_latency_us < 0):
+            raise SpecError(f"shared_host ranks={self.ranks}: tensor_bandwidth_gb_per_s must be positive and "
+                            f"tensor_latency_us non-negative, got {self.tensor_bandwidth_gb_per_s!r}, "
+                            f"{self.tensor_latency_us!r}")
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks <= 0:
             raise SpecError(f"shared_host: ranks must be a positive integer, got {self.ranks!r}")
         if isinstance(self.bandwidth_gb_per_s, bool) or not isinstance(self.bandwidth_gb_per_s, (int, float)) \
@@ -134,6 +150,11 @@ class ClusterSpec:
         metadata={"doc": "Cores the ranks of a shared host time-share (`modelpar profile`); plans with more "
                          "ranks are costed by processor sharing (`planner.shared_host`)."},
     )
+    tensor_link: tuple[float, float] | None = field(
+        default=None,
+        metadata={"doc": "(GB/s, us) of collectives inside tensor-parallel layers when they differ from the "
+                         "intra-node link: set by `for_world_size` from a profiled host's fit, None otherwise."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.devices_per_node, bool) or not isinstance(self.devices_per_node, int) or self.devices_per_node <= 0:
@@ -168,7 +189,8 @@ class ClusterSpec:
         Without `shared_host` profiles: unchanged. With them (ranks sharing one host's cores): the
         link (collective bandwidth and latency) of the smallest profiled k >= num_devices (the
         largest k when none is) in place of the intra-node one, every group inside the host; and
-        the device of that profile, except with more ranks than `host_cores`: then the device of
+        the device of that profile (and its tensor-parallel link, `tensor_link`, when profiled),
+        except with more ranks than `host_cores`: then the device of
         the largest profiled k <= host_cores (one rank per core, no sharing), and the cost model
         shares the cores itself (`planner.shared_host`). Without such a profile, the measured
         oversubscribed device is used and `host_cores` dropped.
@@ -181,10 +203,13 @@ class ClusterSpec:
         if host_cores is not None and num_devices > host_cores:
             unshared = [profile for profile in profiles if profile.ranks <= host_cores]
             device, host_cores = (unshared[-1].device, host_cores) if unshared else (chosen.device, None)
+        tensor_link = None
+        if chosen.tensor_bandwidth_gb_per_s is not None:
+            tensor_link = (chosen.tensor_bandwidth_gb_per_s, chosen.tensor_latency_us)
         return replace(
             self, device=device, intra_node_bandwidth_gb_per_s=chosen.bandwidth_gb_per_s,
             intra_node_latency_us=chosen.latency_us, devices_per_node=max(self.devices_per_node, num_devices),
-            shared_host=(), host_cores=host_cores,
+            shared_host=(), host_cores=host_cores, tensor_link=tensor_link,
         )
 
     def shares_cores(self, num_devices: int) -> bool:

@@ -1,0 +1,190 @@
+"""`modelpar train` on the command line (contract in DESIGN.md): the flags (`add_train_arguments`),
+the command (`train_command`: parse the plan, call `train.run_training`, print), and the human
+summary, pictures and trace of a run. The training itself is `modelpar.train`.
+
+Like `modelpar.train`, this module imports torch only inside functions, so `modelpar --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from modelpar.specs import ParallelPlan, SpecError, load_cluster, load_model, load_plan
+from modelpar.train import (DEFAULT_CLIP_GRAD, DEFAULT_LEARNING_RATE, DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY,
+                            complete_plan, run_training)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `modelpar train` flags (DESIGN.md contract). Plan flags override a --plan file's fields;
+    anything left unset takes the runtime default (`train.complete_plan`)."""
+    from modelpar.cli import _positive_int  # the CLI's argument types; cli imports this module lazily
+
+    parser.add_argument("--model", required=True, help="model preset name or JSON file (e.g. gpt-tiny)")
+    parser.add_argument("--plan", help="plan JSON file (a `modelpar plan --json` document works too)")
+    group = parser.add_argument_group("plan (override --plan; defaults: 1 x 1 x 1, 1f1b, b=2, m=2p)")
+    group.add_argument("--tensor-parallel", type=_positive_int, help="tensor-parallel degree t")
+    group.add_argument("--pipeline-parallel", type=_positive_int, help="pipeline stages p")
+    group.add_argument("--data-parallel", type=_positive_int, help="data-parallel replicas d")
+    group.add_argument("--virtual-stages", type=_positive_int, help="chunks per pipeline rank v (interleaved)")
+    group.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"])
+    group.add_argument("--micro-batch-size", type=_positive_int, help="sequences per micro-batch b")
+    group.add_argument("--global-batch-size", type=_positive_int, help="sequences per step B")
+    group.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                       help="Megatron sequence parallelism (needs t > 1 to matter)")
+    group.add_argument("--recompute", choices=["none", "selective", "full"])
+    group.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="0 or 1 (ZeRO-1) in the runtime")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", help="text file (byte-level tokens), or 'synthetic'; default: the packaged corpus")
+    optimizer = parser.add_argument_group("optimizer (AdamW, betas 0.9/0.95)")
+    optimizer.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE, help="peak learning rate")
+    optimizer.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
+    optimizer.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="constant",
+                           help="after the warmup (default constant)")
+    optimizer.add_argument("--lr-decay-steps", type=int, help="step where the decay reaches --min-learning-rate "
+                                                               "(default: --steps, after the resumed checkpoint's)")
+    optimizer.add_argument("--min-learning-rate", type=float, default=0.0, help="floor of the decay (default 0)")
+    optimizer.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                           help="decoupled weight decay of weight matrices and embeddings (not biases and norm "
+                                f"weights; default {DEFAULT_WEIGHT_DECAY})")
+    optimizer.add_argument("--clip-grad", type=float, default=DEFAULT_CLIP_GRAD, metavar="NORM",
+                           help="clip the global gradient norm to NORM (default 0: off; Megatron uses 1.0)")
+    parser.add_argument("--cluster", help="cluster preset/JSON/'local' for the planner's prediction and the MFU peak "
+                                          "(default on CPU: the `modelpar profile` of this machine, if any)")
+    parser.add_argument("--load-checkpoint", metavar="PATH",
+                        help="resume from a checkpoint (weights, AdamW state, step; saved by any plan)")
+    parser.add_argument("--save-checkpoint", metavar="PATH",
+                        help="save the final weights, AdamW state and step count (serial layout, loads into any plan)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are declared stuck")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    parser.add_argument("--png", help="draw the predicted and measured timelines of the last step side by side")
+    parser.add_argument("--trace", help="write the measured per-rank timeline as Chrome trace JSON (Perfetto)")
+
+
+def optimizer_options_from_args(args: argparse.Namespace) -> dict:
+    """The optimizer flags as `run_training` keyword arguments (validated by `validate_training`)."""
+    return {"weight_decay": args.weight_decay, "clip_grad": args.clip_grad, "lr_warmup_steps": args.lr_warmup_steps,
+            "lr_decay_style": args.lr_decay_style, "lr_decay_steps": args.lr_decay_steps,
+            "min_learning_rate": args.min_learning_rate}
+
+
+def plan_from_args(args: argparse.Namespace) -> ParallelPlan:
+    base = load_plan(args.plan) if args.plan else ParallelPlan()
+    changes = {key: getattr(args, key) for key in (
+        "tensor_parallel", "pipeline_parallel", "data_parallel", "virtual_stages", "schedule", "micro_batch_size",
+        "global_batch_size", "sequence_parallel", "recompute", "zero_stage") if getattr(args, key, None) is not None}
+    return complete_plan(base.with_(**changes))
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """`modelpar train`: SpecError propagates (the CLI prints it, exit 2); a failed rank is exit 1."""
+    from modelpar.runtime.launch import RankFailure
+
+    model = load_model(args.model)
+    plan = plan_from_args(args)
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    try:
+        summary = run_training(model, plan, args.steps, args.seed, args.dtype, args.data,
+                               learning_rate=args.learning_rate, cluster=cluster, timeout_s=args.timeout,
+                               progress=not args.json or sys.stderr.isatty(),
+                               load_checkpoint=args.load_checkpoint, save_checkpoint=args.save_checkpoint,
+                               **optimizer_options_from_args(args))
+    except RankFailure as failure:
+        print(f"modelpar train: error: {str(failure).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if summary is None:  # torchrun rank other than 0
+        return 0
+    write_pictures(summary, model, plan_from_summary(summary), cluster, args.png, args.trace)
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print_summary(summary)
+    return 0
+
+
+def plan_from_summary(summary: dict) -> ParallelPlan:
+    return ParallelPlan(**summary["plan"])
+
+
+def write_pictures(summary: dict, model, plan: ParallelPlan, cluster, png: str | None, trace: str | None) -> None:
+    """--png: predicted (the planner's simulated schedule, when a cluster is known) above the
+    measured last step; --trace: the measured timeline as Chrome trace JSON."""
+    if not png and not trace:
+        return
+    from modelpar.report.timeline import events_from_runtime, gantt_png, side_by_side_png, write_chrome_trace
+
+    measured = events_from_runtime(summary["timeline"])
+    if trace:
+        write_chrome_trace(measured, trace)
+        summary["trace"] = trace
+    if png:
+        predicted = []
+        if cluster is None:
+            from modelpar.specs.local import load_local_cluster
+
+            try:
+                cluster = load_local_cluster()
+            except SpecError:
+                cluster = None
+        if cluster is not None:
+            from modelpar.simulate import predict_schedule
+
+            predicted = predict_schedule(model, cluster, plan).events
+        if predicted:
+            title = f"{model.name}: predicted (cluster {cluster.name}) vs measured step"
+            side_by_side_png(predicted, measured, png, title=title, share_time_axis=True)
+        else:  # nothing to predict with: run `modelpar profile` or pass --cluster
+            gantt_png(measured, png, title=f"{model.name}: measured step (no cluster for a prediction)")
+        summary["png"] = png
+
+
+def print_summary(summary: dict) -> None:
+    """Human-readable result: the plan, losses, and measured vs predicted step time (compute,
+    communication, bubble), memory and throughput, with the relative error of each."""
+    from rich.console import Console
+
+    from modelpar.runtime.prediction import print_comparison
+
+    plan = summary["plan"]
+    console = Console()
+    console.print(
+        f"[bold]{summary['model']}[/bold] on t{plan['tensor_parallel']} x p{plan['pipeline_parallel']} x "
+        f"d{plan['data_parallel']} ({summary['world_size']} ranks), {plan['schedule']}"
+        f"{' v' + str(plan['virtual_stages']) if plan['virtual_stages'] > 1 else ''}, b={plan['micro_batch_size']}, "
+        f"B={plan['global_batch_size']}, SP={'on' if plan['sequence_parallel'] else 'off'}, "
+        f"recompute={plan['recompute']}, ZeRO-{plan['zero_stage']}, {summary['dtype']}, data: {summary['data']}"
+    )
+    losses, norms, rates = summary["losses"], summary["grad_norms"], summary["learning_rates"]
+    clip = summary["optimizer"]["clip_grad"]
+    resumed = f" (resumed after step {summary['start_step']})" if summary.get("start_step") else ""
+    console.print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps{resumed}; grad norm "
+                  f"{norms[0]:.3g} -> {norms[-1]:.3g}{f' (clipped to {clip:g})' if clip else ''}; "
+                  f"learning rate {rates[0]:.3g} -> {rates[-1]:.3g}")
+    print_comparison(summary, console)
+    details = summary["measurement"]
+    console.print(f"MFU against {details['peak_tflops_per_device']:.3g} TFLOP/s per rank "
+                  f"({details['peak_tflops_source']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m modelpar.train ...` (same flags as `modelpar train`)."""
+    parser = argparse.ArgumentParser(prog="modelpar train")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return train_command(args)
+    except SpecError as error:
+        print(f"modelpar train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["add_train_arguments", "optimizer_options_from_args", "plan_from_args", "train_command", "print_summary",
+           "write_pictures", "main"]
