@@ -118,6 +118,23 @@ class SharedHostProfile:
             raise SpecError(f"shared_host ranks={self.ranks}: latency_us must be non-negative, got {self.latency_us!r}")
 
 
+def scale_rates(device: DeviceSpec, factor: float) -> DeviceSpec:
+    """`device` with its throughputs multiplied and its per-operation times divided by `factor`
+    (a measured shared-host device's rates with the cores to itself: factor = ranks / cores)."""
+    def divided(value: float | None) -> float | None:
+        return None if value is None else value / factor
+
+    def multiplied(value: float | None) -> float | None:
+        return None if value is None else value * factor
+
+    return replace(device, peak_tflops=device.peak_tflops * factor,
+                   memory_bandwidth_gb_per_s=device.memory_bandwidth_gb_per_s * factor,
+                   matmul_operand_bandwidth_gb_per_s=multiplied(device.matmul_operand_bandwidth_gb_per_s),
+                   kernel_overhead_us=divided(device.kernel_overhead_us),
+                   dropout_ns_per_element=divided(device.dropout_ns_per_element),
+                   optimizer_ns_per_parameter=divided(device.optimizer_ns_per_parameter))
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     """Identical devices grouped in nodes: a fast intra-node fabric, a slower inter-node network."""
@@ -190,10 +207,10 @@ class ClusterSpec:
         link (collective bandwidth and latency) of the smallest profiled k >= num_devices (the
         largest k when none is) in place of the intra-node one, every group inside the host; and
         the device of that profile (and its tensor-parallel link, `tensor_link`, when profiled),
-        except with more ranks than `host_cores`: then the device of
-        the largest profiled k <= host_cores (one rank per core, no sharing), and the cost model
-        shares the cores itself (`planner.shared_host`). Without such a profile, the measured
-        oversubscribed device is used and `host_cores` dropped.
+        except with more ranks than `host_cores`: then that profile's device with every rate
+        multiplied by k / host_cores (`scale_rates`: what a rank would achieve with the cores to
+        itself, keeping the cache and context-switch costs the k ranks paid, 10-20% on a 2-core
+        VM), and the cost model shares the cores itself (`planner.shared_host`).
         """
         if not self.shared_host:
             return self
@@ -201,8 +218,8 @@ class ClusterSpec:
         chosen = next((profile for profile in profiles if profile.ranks >= num_devices), profiles[-1])
         device, host_cores = chosen.device, self.host_cores
         if host_cores is not None and num_devices > host_cores:
-            unshared = [profile for profile in profiles if profile.ranks <= host_cores]
-            device, host_cores = (unshared[-1].device, host_cores) if unshared else (chosen.device, None)
+            if chosen.ranks > host_cores:  # one rank's rates with the cores to itself, oversubscription costs kept
+                device = scale_rates(chosen.device, chosen.ranks / host_cores)
         tensor_link = None
         if chosen.tensor_bandwidth_gb_per_s is not None:
             tensor_link = (chosen.tensor_bandwidth_gb_per_s, chosen.tensor_latency_us)
