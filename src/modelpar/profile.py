@@ -56,8 +56,9 @@ operation repeatedly for a fixed time, so time slices of an oversubscribed host 
   raw data: with k > cores, a lone pair of ranks is faster than a ring step among k busy ranks.)
 
 - collectives inside tensor-parallel layers (k > 1): the runtime's own tensor-parallel layers
-  (`TENSOR_REFERENCE_LAYERS`, split over the k ranks, inside a stack) and the alpha-beta link
-  that makes the cost model reproduce them on top of its compute (`fit_tensor_link`) ->
+  (`TENSOR_REFERENCE_LAYERS`, split over the k ranks, inside a stack) and the per-message
+  latency that makes the cost model reproduce them on top of its compute, with the isolated
+  collectives' bandwidth (`fit_tensor_link`) ->
   `tensor_bandwidth_gb_per_s`, `tensor_latency_us`, used for tensor-parallel collectives. An
   isolated collective (above) finds the other ranks waiting; inside a layer its threads
   compete with the GEMMs of every rank for the same cores.
@@ -441,33 +442,33 @@ def _measure_tensor_parallel_layers(bench: _Bench) -> list[float]:
     return seconds
 
 
-def fit_tensor_link(device: DeviceSpec, ranks: int, layer_seconds: list[float]) -> tuple[float, float] | None:
-    """(bandwidth B/s, latency s) of the all-reduces inside tensor-parallel layers, chosen so that
+def fit_tensor_link(device: DeviceSpec, ranks: int, layer_seconds: list[float],
+                    bandwidth: float) -> tuple[float, float] | None:
+    """(bandwidth B/s, latency s) of the all-reduces inside tensor-parallel layers: the isolated
+    collectives' `bandwidth`, and the per-message latency a >= 0 that makes
     `compute.layer_compute` at t = `ranks` plus TENSOR_COLLECTIVES_PER_LAYER ring all-reduces of
-    the [b, s, h] activation, 2 (k-1)/k S/W + 2 (k-1) a each, reproduces the measured reference
-    layers (non-negative least squares on relative error). None when nothing is left for the
-    collectives or no latency / bandwidth fits. On a CPU the collectives' threads compete with
-    the GEMMs on the same cores, so this link is slower than an isolated collective's."""
+    the [b, s, h] activation, 2 (k-1)/k S/W + 2 (k-1) a each, reproduce the measured reference
+    layers (least squares on relative error). On a CPU the collectives' threads wait for cores
+    the GEMMs of every rank hold, a cost per message, not per byte (the reference activations
+    are too alike in size to tell the two apart). None when nothing is left for the collectives."""
     from modelpar.planner import compute
 
     if ranks < 2 or not layer_seconds:
         return None
-    rows, times = [], []
+    weighted = weights = 0.0
     for (hidden, heads, mlp, seq, batch), measured in zip(TENSOR_REFERENCE_LAYERS, layer_seconds):
         layer = compute.layer_compute(reference_layer_spec(hidden, heads, mlp, seq), device, batch, ranks, False, "none")
-        left = measured - layer.forward_s - layer.backward_s
-        if left <= 0:
-            continue
         activation = batch * seq * hidden * compute.value_bytes(device)
         per = TENSOR_COLLECTIVES_PER_LAYER
-        rows.append([per * 2 * (ranks - 1) / ranks * activation, per * 2 * (ranks - 1)])
-        times.append(left)
-    if not rows:
+        fixed = layer.forward_s + layer.backward_s + per * 2 * (ranks - 1) / ranks * activation / bandwidth
+        slope = per * 2 * (ranks - 1)  # seconds per second of latency
+        # minimise ((fixed + slope a) / measured - 1)^2 over a: sum over layers, closed form
+        weighted += slope / measured * (1.0 - fixed / measured)
+        weights += (slope / measured) ** 2
+    latency = weighted / weights
+    if latency <= 0:
         return None
-    inverse_bandwidth, latency = _nonnegative_relative_fit(rows, times)
-    if inverse_bandwidth <= 0:
-        return None
-    return 1.0 / inverse_bandwidth, latency
+    return bandwidth, latency
 
 
 def _while_others_compute(bench: _Bench, measure):
@@ -659,7 +660,7 @@ def shared_host_profile(ranks: int, results: list[dict], host: dict, dtype: str 
         link_bandwidth, latency = bandwidth, 0.0
     tensor_layers = [statistics.median(d["tensor_layers"][index] for d in devices)
                      for index in range(len(devices[0].get("tensor_layers", [])))]
-    tensor_fit = fit_tensor_link(device, ranks, tensor_layers)
+    tensor_fit = fit_tensor_link(device, ranks, tensor_layers, link_bandwidth) if ranks > 1 else None
     profile = SharedHostProfile(ranks=ranks, device=device, bandwidth_gb_per_s=link_bandwidth / 1e9,
                                 latency_us=latency * 1e6,
                                 tensor_bandwidth_gb_per_s=tensor_fit[0] / 1e9 if tensor_fit else None,

@@ -135,10 +135,10 @@ def test_tensor_link_fit_recovers_the_link_that_made_the_tensor_parallel_layer_t
         activation = batch * seq * hidden * compute.value_bytes(device)
         times.append(layer.forward_s + layer.backward_s
                      + TENSOR_COLLECTIVES_PER_LAYER * comm.all_reduce_time(activation, ranks, link))
-    fitted = fit_tensor_link(device, ranks, times)
+    fitted = fit_tensor_link(device, ranks, times, bandwidth)
     assert fitted[0] == pytest.approx(bandwidth, rel=1e-6) and fitted[1] == pytest.approx(latency, rel=1e-6)
-    assert fit_tensor_link(device, ranks, [1e-9] * len(times)) is None  # nothing left for the collectives
-    assert fit_tensor_link(device, 1, times) is None
+    assert fit_tensor_link(device, ranks, [1e-9] * len(times), bandwidth) is None  # nothing left for them
+    assert fit_tensor_link(device, 1, times, bandwidth) is None
 
 
 def test_profiled_tensor_link_prices_tensor_parallel_collectives_only():
@@ -212,12 +212,21 @@ def test_for_world_size_picks_the_smallest_profile_that_holds_the_ranks():
     assert preset.for_world_size(64) is preset and not preset.shares_cores(64)
 
 
-def test_more_ranks_than_cores_keep_the_unshared_device_and_the_measured_link():
-    cluster = local_cluster()  # 2 cores
+def test_more_ranks_than_cores_use_the_measured_device_scaled_to_one_rank_per_core():
+    cluster = local_cluster()  # 2 cores, ideal sharing: the k = 4 device at 4/2 is the k = 2 one
     four = cluster.for_world_size(4)
-    assert four.device.peak_tflops == pytest.approx(0.1 / 2)  # one rank per core (k = 2)
+    assert four.device.peak_tflops == pytest.approx(0.1 / 2)
     assert four.intra_node_latency_us == pytest.approx(800.0)  # collectives among 4 sharing ranks
     assert four.shares_cores(4) and not cluster.for_world_size(2).shares_cores(2)
+    # 4 ranks on 2 cores that lose 10% to caches and context switches keep that loss
+    lossy = SharedHostProfile(4, cpu_device(100.0 / 4 * 0.9, kernel_overhead_us=8.0 * 2 / 0.9,
+                                            dropout_ns_per_element=20.0 * 2 / 0.9), 0.5, 800.0)
+    profiles = tuple(lossy if profile.ranks == 4 else profile for profile in cluster.shared_host)
+    device = replace(cluster, shared_host=profiles).for_world_size(4).device
+    assert device.peak_tflops == pytest.approx(0.1 / 2 * 0.9)
+    assert device.kernel_overhead_us == pytest.approx(8.0 / 0.9)
+    assert device.dropout_ns_per_element == pytest.approx(20.0 / 0.9)
+    assert device.memory_bandwidth_gb_per_s == pytest.approx(10.0 * 2)  # measured at 4, scaled by 4/2
 
 
 def test_duplicate_rank_counts_are_rejected():
