@@ -280,6 +280,13 @@ class _Bench:
     options: ProfileOptions
     device: object  # torch.device
     dtype: object  # torch.dtype
+    sharing: float = 1.0  # ranks per core when they outnumber the cores: windows grow by it
+
+    @property
+    def window_s(self) -> float:
+        """One timed window: with k ranks on fewer cores each gets 1 / sharing of the time slices,
+        so a window spans as many of its own slices as an unshared one."""
+        return self.options.window_s * self.sharing
 
     def sizes(self, cpu: tuple, fast: tuple, gpu: tuple) -> tuple:
         """The shape table for this rank: tiny with --fast, GPU-sized on a GPU, else `cpu`."""
@@ -302,19 +309,26 @@ class _Bench:
 
     def seconds_per_call(self, fn) -> float:
         """Median over the windows of (window length / calls in it); one warm-up call."""
-        fn()
+        return self.paired_seconds_per_call(fn)[0]
+
+    def paired_seconds_per_call(self, *fns) -> list[float]:
+        """`seconds_per_call` of each function, their windows alternating (a, b, a, b, ...) so that
+        drift of a shared machine hits them alike: their differences are what is used."""
+        for fn in fns:
+            fn()
         self.synchronize()
-        results = []
+        results: list[list[float]] = [[] for _ in fns]
         for _ in range(self.options.windows):
-            calls, start = 0, time.perf_counter()
-            while True:
-                fn()
-                calls += 1
-                if time.perf_counter() - start >= self.options.window_s:
-                    break
-            self.synchronize()
-            results.append((time.perf_counter() - start) / calls)
-        return statistics.median(results)
+            for fn, times in zip(fns, results):
+                calls, start = 0, time.perf_counter()
+                while True:
+                    fn()
+                    calls += 1
+                    if time.perf_counter() - start >= self.window_s:
+                        break
+                self.synchronize()
+                times.append((time.perf_counter() - start) / calls)
+        return [statistics.median(times) for times in results]
 
 
 def _op_overhead(bench: _Bench) -> float:
@@ -389,21 +403,22 @@ def _measure_reference_layers(bench: _Bench) -> list[tuple[float, float]]:
 
     seconds = []
     for hidden, heads, mlp, seq, batch in bench.sizes(REFERENCE_LAYERS, (), GPU_REFERENCE_LAYERS):
-        pair = []
+        x, grad = bench.tensor(batch, seq, hidden, grad=True), bench.tensor(batch, seq, hidden)
+        key = DropoutKey(0, 0)
+        stacks = []
         for dropout in (0.0, 0.1):
             spec = reference_layer_spec(hidden, heads, mlp, seq, dropout)
             layers = [TransformerLayer(spec, index).to(bench.device, bench.dtype) for index in range(REFERENCE_STACK)]
-            x, grad = bench.tensor(batch, seq, hidden, grad=True), bench.tensor(batch, seq, hidden)
-            key = DropoutKey(0, 0)
 
-            def stack():
+            def stack(layers=layers):
                 hidden_states = x
                 for layer in layers:
                     hidden_states = layer(hidden_states, key)
                 hidden_states.backward(grad)
 
-            pair.append(bench.seconds_per_call(stack) / REFERENCE_STACK)
-        seconds.append(tuple(pair))
+            stacks.append(stack)
+        # alternating windows: the dropout cost is their difference
+        seconds.append(tuple(value / REFERENCE_STACK for value in bench.paired_seconds_per_call(*stacks)))
     return seconds
 
 
@@ -585,7 +600,8 @@ def _profile_worker(rank: int, world: int, options: ProfileOptions) -> dict:
 
     on_gpu = dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    bench = _Bench(options, device, DTYPES[options.dtype])
+    sharing = 1.0 if on_gpu else max(1.0, dist.get_world_size() / (os.cpu_count() or 1))
+    bench = _Bench(options, device, DTYPES[options.dtype], sharing)
     value_bytes = VALUE_BYTES[options.dtype]
     dist.barrier()
     measured = _measure_device(bench, value_bytes)

@@ -128,6 +128,34 @@ def initial_state(case: Case) -> dict | None:
     return init_gpt(case.model, case.start_from_seed).state_dict() if case.start_from_seed is not None else None
 
 
+def run_in_own_groups(rank: int, world_size: int, items: list, store_dir: str, body: Callable,
+                      backend: str = "gloo") -> dict:
+    """On every rank: for each item (anything with `.name` and `.plan`) whose world includes this
+    rank, a fresh default process group of `item.plan.world_size` ranks, `body(item, ctx)`, and
+    the group destroyed again; rank 0 returns {item name: body's result + "seconds"}."""
+    # A barrier before every destroy: gloo's init returns on a rank before its peers have finished
+    # connecting, and destroying then would close sockets they still need.
+    dist.barrier()
+    dist.destroy_process_group()  # the launch's group; each item makes its own
+    results = {}
+    for index, item in enumerate(items):
+        size = item.plan.world_size
+        if rank >= size:
+            continue
+        started = time.perf_counter()
+        dist.init_process_group(backend, init_method=f"file://{store_dir}/case{index}", rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=CASE_TIMEOUT_S))
+        result = body(item, ParallelContext(ParallelDims.from_plan(item.plan)))
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank == 0:
+            results[item.name] = {**result, "seconds": time.perf_counter() - started}
+    # leave a default group for the launcher to destroy
+    dist.init_process_group(backend, init_method=f"file://{store_dir}/final", rank=rank, world_size=world_size)
+    dist.barrier()
+    return results
+
+
 def train_cases(rank: int, world_size: int, cases: list[Case], store_dir: str, backend: str = "gloo",
                 inspect: Callable | None = None, environment: dict | None = None) -> dict:
     """On every rank: train each case whose world includes this rank; rank 0 returns
@@ -138,19 +166,8 @@ def train_cases(rank: int, world_size: int, cases: list[Case], store_dir: str, b
     os.environ.update(environment or {})
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    # A barrier before every destroy: gloo's init returns on a rank before its peers have finished
-    # connecting, and destroying then would close sockets they still need.
-    dist.barrier()
-    dist.destroy_process_group()  # the launch's group; each case makes its own
-    results = {}
-    for index, case in enumerate(cases):
-        size = case.plan.world_size
-        if rank >= size:
-            continue
-        started = time.perf_counter()
-        dist.init_process_group(backend, init_method=f"file://{store_dir}/case{index}", rank=rank, world_size=size,
-                                timeout=datetime.timedelta(seconds=CASE_TIMEOUT_S))
-        ctx = ParallelContext(ParallelDims.from_plan(case.plan))
+
+    def train(case: Case, ctx: ParallelContext) -> dict:
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         config = TrainConfig(case.model, case.plan, STEPS, SEED, case.dtype, "synthetic", progress=False)
@@ -163,17 +180,11 @@ def train_cases(rank: int, world_size: int, cases: list[Case], store_dir: str, b
         trainer.optimizer_step()
         losses += [trainer.step(step) for step in range(1, STEPS)]
         state = trainer.full_state_dict() if fp32 else None
-        reports = [None] * size
+        reports = [None] * case.plan.world_size
         dist.all_gather_object(reports, report)
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank == 0:
-            results[case.name] = {"losses": losses, "grads": grads, "state": state, "initial_state": initial,
-                                  "reports": reports, "seconds": time.perf_counter() - started}
-    # leave a default group for the launcher to destroy
-    dist.init_process_group(backend, init_method=f"file://{store_dir}/final", rank=rank, world_size=world_size)
-    dist.barrier()
-    return results
+        return {"losses": losses, "grads": grads, "state": state, "initial_state": initial, "reports": reports}
+
+    return run_in_own_groups(rank, world_size, cases, store_dir, train, backend)
 
 
 def launch_cases(cases: list[Case], world_size: int, timeout_s: float, backend: str = "gloo",

@@ -16,7 +16,6 @@ re-initialises the default process group on a fresh FileStore (as tests/dist/tes
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import tempfile
 import time
 
@@ -26,12 +25,11 @@ import torch.distributed as dist
 
 from modelpar.models.gpt import init_gpt
 from modelpar.runtime.checkpoint import read_checkpoint
-from modelpar.runtime.mesh import ParallelContext, ParallelDims
 from modelpar.specs.model import MODEL_PRESETS
 from modelpar.specs.plan import ParallelPlan
 from modelpar.train import RankTrainer, TrainConfig
 
-from .harness import dict_mismatches, relative_mismatch, run_ranks
+from .harness import dict_mismatches, relative_mismatch, run_in_own_groups, run_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -94,17 +92,8 @@ def _run_phases(rank: int, world_size: int, phases: list[Phase], store_dir: str)
     """Every phase on the ranks it needs, in order, each in its own default process group; rank 0
     returns {phase: {"losses", "learning_rates", "start_step", "state" (final, serial), "checkpoint"}}."""
     torch.set_num_threads(1)
-    dist.barrier()
-    dist.destroy_process_group()
-    results = {}
-    for index, phase in enumerate(phases):
-        size = phase.plan.world_size
-        if rank >= size:
-            continue
-        started = time.perf_counter()
-        dist.init_process_group("gloo", init_method=f"file://{store_dir}/group{index}", rank=rank, world_size=size,
-                                timeout=datetime.timedelta(seconds=120))
-        ctx = ParallelContext(ParallelDims.from_plan(phase.plan))
+
+    def train(phase, ctx) -> dict:
         config = TrainConfig(phase.model, phase.plan, phase.steps, SEED, phase.dtype, "synthetic", progress=False,
                              **OPTIMIZER)
         checkpoint = read_checkpoint(_path(store_dir, phase.load)) if phase.load else None
@@ -115,16 +104,12 @@ def _run_phases(rank: int, world_size: int, phases: list[Phase], store_dir: str)
         if phase.save:
             trainer.save_checkpoint(_path(store_dir, phase.name), {"phase": phase.name})
         state = trainer.full_state_dict()
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank == 0:
-            results[phase.name] = {"losses": losses, "learning_rates": trainer.learning_rates,
-                                   "start_step": trainer.start_step, "state": state,
-                                   "checkpoint": read_checkpoint(_path(store_dir, phase.name)) if phase.save else None,
-                                   "seconds": time.perf_counter() - started}
-    dist.init_process_group("gloo", init_method=f"file://{store_dir}/final", rank=rank, world_size=world_size)
-    dist.barrier()
-    return results
+        dist.barrier()  # the checkpoint is written before rank 0 reads it
+        saved = read_checkpoint(_path(store_dir, phase.name)) if phase.save and ctx.rank == 0 else None
+        return {"losses": losses, "learning_rates": trainer.learning_rates, "start_step": trainer.start_step,
+                "state": state, "checkpoint": saved}
+
+    return run_in_own_groups(rank, world_size, phases, store_dir, train)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ tests/dist/test_equivalence.py does), so all cases share one spawn.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import tempfile
@@ -32,12 +31,11 @@ import torch.distributed as dist
 
 from modelpar.data import make_token_source
 from modelpar.models.gpt import DropoutKey, init_gpt
-from modelpar.runtime.mesh import ParallelContext, ParallelDims
 from modelpar.specs.model import MODEL_PRESETS
 from modelpar.specs.plan import ParallelPlan
 from modelpar.train import RankTrainer, TrainConfig
 
-from .harness import dict_mismatches, relative_mismatch, run_ranks
+from .harness import dict_mismatches, relative_mismatch, run_in_own_groups, run_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -96,17 +94,8 @@ def _config(case: Case) -> TrainConfig:
 def _run_cases(rank: int, world_size: int, cases: list[Case], store_dir: str) -> dict:
     """Every case on the ranks it needs, each in its own default process group; rank 0 returns the results."""
     torch.set_num_threads(1)
-    dist.barrier()
-    dist.destroy_process_group()
-    results = {}
-    for index, case in enumerate(cases):
-        size = case.plan.world_size
-        if rank >= size:
-            continue
-        started = time.perf_counter()
-        dist.init_process_group("gloo", init_method=f"file://{store_dir}/case{index}", rank=rank, world_size=size,
-                                timeout=datetime.timedelta(seconds=120))
-        ctx = ParallelContext(ParallelDims.from_plan(case.plan))
+
+    def train(case: Case, ctx) -> dict:
         trainer = RankTrainer(_config(case), ctx)
         result = {"initial_state": trainer.full_state_dict() if case.dtype == "fp32" else None}
         losses = [trainer.forward_backward(0)]
@@ -116,13 +105,9 @@ def _run_cases(rank: int, world_size: int, cases: list[Case], store_dir: str) ->
             losses += [trainer.step(step) for step in range(1, STEPS)]
             result["state"] = trainer.full_state_dict()
         result.update(losses=losses, grad_norms=trainer.grad_norms, learning_rates=trainer.learning_rates)
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank == 0:
-            results[case.name] = {**result, "seconds": time.perf_counter() - started}
-    dist.init_process_group("gloo", init_method=f"file://{store_dir}/final", rank=rank, world_size=world_size)
-    dist.barrier()
-    return results
+        return result
+
+    return run_in_own_groups(rank, world_size, cases, store_dir, train)
 
 
 @pytest.fixture(scope="module")
