@@ -11,10 +11,10 @@ from modelpar.cli import main
 from modelpar.planner import comm, compute
 from modelpar.planner.constants import KERNEL_OVERHEAD_S, NETWORK_EFFICIENCY
 from modelpar.planner.cost import data_parallel_work, estimate
-from modelpar.profile import (REFERENCE_LAYERS, TENSOR_COLLECTIVES_PER_LAYER, TENSOR_REFERENCE_LAYERS,
-                              fit_tensor_link, build_cluster, dropped_elements, fit_bandwidth, fit_gemm,
-                              fit_layer_bandwidth, fit_link, forward_backward_terms, reference_layer_spec,
-                              shared_host_profile)
+from modelpar.profile_fits import (REFERENCE_LAYERS, TENSOR_COLLECTIVES_PER_LAYER, TENSOR_REFERENCE_LAYERS,
+                                   build_cluster, dropped_elements, fit_bandwidth, fit_gemm, fit_layer_bandwidth,
+                                   fit_link, fit_tensor_link, forward_backward_terms, reference_layer_spec,
+                                   shared_host_profile)
 from modelpar.planner.pipeline import simulate
 from modelpar.planner.shared_host import simulate_shared
 from modelpar.runtime import prediction
