@@ -86,7 +86,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from modelpar.profile_fits import (GPU_REFERENCE_LAYERS, REFERENCE_LAYERS, TENSOR_REFERENCE_LAYERS, VALUE_BYTES,
+from modelpar.profile_fits import (GPU_REFERENCE_LAYERS, REFERENCE_LAYERS, TENSOR_REFERENCE_LAYERS,
+                                   TINY_REFERENCE_LAYER, VALUE_BYTES,
                                    build_cluster, cpu_model_name, forward_backward_terms, host_facts,
                                    reference_layer_spec, shared_host_profile)
 from modelpar.specs import ClusterSpec
@@ -293,6 +294,36 @@ def _measure_reference_layers(bench: _Bench) -> list[tuple[float, float]]:
     return seconds
 
 
+def _measure_tiny_layer(bench: _Bench) -> tuple[float, float, float] | None:
+    """(forward, forward + backward, forward + backward with dropout 0.1) seconds of one layer of
+    TINY_REFERENCE_LAYER, inside a stack, in alternating windows: its kernels cost next to nothing,
+    so what is left over the cost model's kernels is the fixed cost of a layer (module calls,
+    Python-level autograd functions) and of drawing its dropout masks. None with --fast."""
+    from modelpar.models.gpt import DropoutKey, TransformerLayer
+
+    if bench.options.fast:
+        return None
+    hidden, heads, mlp, seq, batch = TINY_REFERENCE_LAYER
+    x, grad = bench.tensor(batch, seq, hidden, grad=True), bench.tensor(batch, seq, hidden)
+    key = DropoutKey(0, 0)
+    stacks = {}
+    for dropout in (0.0, 0.1):
+        spec = reference_layer_spec(hidden, heads, mlp, seq, dropout)
+        stacks[dropout] = [TransformerLayer(spec, index).to(bench.device, bench.dtype)
+                           for index in range(REFERENCE_STACK)]
+
+    def forward(layers):
+        hidden_states = x
+        for layer in layers:
+            hidden_states = layer(hidden_states, key)
+        return hidden_states
+
+    seconds = bench.paired_seconds_per_call(lambda: forward(stacks[0.0]),
+                                            lambda: forward(stacks[0.0]).backward(grad),
+                                            lambda: forward(stacks[0.1]).backward(grad))
+    return tuple(value / REFERENCE_STACK for value in seconds)
+
+
 def _measure_tensor_parallel_layers(bench: _Bench) -> list[float]:
     """Seconds of forward + backward of one tensor-parallel reference layer split over all the
     ranks of the profile (the runtime's own ParallelAttention / ParallelMLP, no sequence
@@ -379,6 +410,7 @@ def _measure_device(bench: _Bench, value_bytes: int) -> dict:
         "elementwise": _measure_elementwise(bench, value_bytes),
         "reference_layers": _measure_reference_layers(bench),
         "tensor_layers": _measure_tensor_parallel_layers(bench),
+        "tiny_layer": _measure_tiny_layer(bench),
         "dropout_ns_per_element": dropout_s / dropout_elements * 1e9,
         "optimizer_ns_per_parameter": bench.seconds_per_call(optimizer.step) / (tensors * size) * 1e9,
     }

@@ -22,6 +22,8 @@ HOST_POWER_WATTS = 65.0
 """Not measured: a nominal desktop/server CPU package power, shared equally by the ranks (used
 only for the energy column)."""
 GPU_REFERENCE_LAYERS = ((1024, 16, 4096, 1024, 4), (2048, 16, 8192, 1024, 2), (768, 12, 3072, 2048, 4))
+TINY_REFERENCE_LAYER = (32, 2, 128, 8, 1)
+"""A layer whose kernels cost next to nothing: what it takes is fixed per-layer cost."""
 # Reference layers (not the models one trains): (hidden, heads, MLP width, sequence, micro-batch).
 REFERENCE_LAYERS = ((384, 6, 1536, 64, 2), (128, 4, 512, 256, 1), (192, 6, 768, 96, 3))
 TENSOR_REFERENCE_LAYERS = ((384, 8, 1536, 64, 2), (128, 8, 512, 256, 1), (192, 8, 768, 96, 3))
@@ -148,6 +150,27 @@ def dropped_elements(hidden: int, heads: int, seq: int, batch: int) -> int:
     return batch * heads * seq * seq + 2 * batch * seq * hidden
 
 
+def fit_layer_overheads(device: DeviceSpec, tiny: tuple[float, float, float] | None) -> DeviceSpec:
+    """`device` with its fixed per-layer costs: the tiny reference layer's measured forward,
+    backward and dropout times less what the cost model's kernels give for it (each at least 0).
+    The dropout part is the with-dropout time less the without, less the per-element cost the
+    device has so far (refitted afterwards, `shared_host_profile`)."""
+    from modelpar.planner import compute
+
+    if tiny is None:
+        return device
+    forward, forward_backward, with_dropout = tiny
+    hidden, heads, mlp, seq, batch = TINY_REFERENCE_LAYER
+    layer = compute.layer_compute(reference_layer_spec(hidden, heads, mlp, seq), device, batch, 1, False, "none")
+    dropout_elements = dropped_elements(hidden, heads, seq, batch) * (device.dropout_ns_per_element or 0.0) * 1e-9
+    return replace(
+        device,
+        layer_forward_overhead_us=max(0.0, forward - layer.forward_s) * 1e6,
+        layer_backward_overhead_us=max(0.0, forward_backward - forward - layer.backward_s) * 1e6,
+        dropout_call_overhead_us=max(0.0, with_dropout - forward_backward - dropout_elements) * 1e6,
+    )
+
+
 def fit_tensor_link(device: DeviceSpec, ranks: int, layer_seconds: list[float],
                     bandwidth: float) -> tuple[float, float] | None:
     """(bandwidth B/s, latency s) of the all-reduces inside tensor-parallel layers: the isolated
@@ -228,11 +251,15 @@ def shared_host_profile(ranks: int, results: list[dict], host: dict, dtype: str 
               for index in range(len(devices[0]["reference_layers"]))]
     layer_seconds = [without for without, _ in layers]
     references = GPU_REFERENCE_LAYERS if on_gpu else REFERENCE_LAYERS
+    tinies = [d.get("tiny_layer") for d in devices if d.get("tiny_layer")]
+    if tinies:  # fixed per-layer costs first: the bandwidth fit below then sees them as fixed
+        device = fit_layer_overheads(device, tuple(statistics.median(t[index] for t in tinies) for index in range(3)))
     layer_bandwidth = fit_layer_bandwidth(device, layer_seconds, references) if layers else None
     if layer_bandwidth is not None:
         device = replace(device, memory_bandwidth_gb_per_s=layer_bandwidth / 1e9)
-    extra = sum(with_dropout - without for without, with_dropout in layers)
-    if layers and extra > 0:  # dropout as it runs inside a layer
+    calls = (device.dropout_call_overhead_us or 0.0) * 1e-6 * len(layers)  # fixed per layer, fitted above
+    extra = sum(with_dropout - without for without, with_dropout in layers) - calls
+    if layers and extra > 0:  # dropout as it runs inside a layer, per dropped element
         elements = sum(dropped_elements(hidden, heads, seq, batch) for hidden, heads, _, seq, batch in references)
         device = replace(device, dropout_ns_per_element=extra / elements * 1e9)
     if ranks > 1:  # the late rank's collectives; a lone point-to-point message is faster (kept in the raw data)
@@ -252,7 +279,8 @@ def shared_host_profile(ranks: int, results: list[dict], host: dict, dtype: str 
                "elementwise_block_gb_per_s": bandwidth / 1e9, "reference_layer_seconds": layers,
                "dropout_benchmark_ns_per_element": _median_over_ranks(
                    results, lambda r: r["device"]["dropout_ns_per_element"]),
-               "collective_seconds": results[-1]["link"], "tensor_layer_seconds": tensor_layers}
+               "collective_seconds": results[-1]["link"], "tensor_layer_seconds": tensor_layers,
+               "tiny_layer_seconds": [d.get("tiny_layer") for d in devices]}
     return profile, summary
 
 
@@ -301,6 +329,7 @@ def build_cluster(profiles: list[SharedHostProfile], host: dict, gpus: bool = Fa
     )
 
 
-__all__ = ["REFERENCE_LAYERS", "TENSOR_REFERENCE_LAYERS", "build_cluster", "cpu_model_name", "fit_bandwidth", "fit_gemm",
+__all__ = ["REFERENCE_LAYERS", "TENSOR_REFERENCE_LAYERS", "TINY_REFERENCE_LAYER", "build_cluster", "cpu_model_name",
+           "fit_bandwidth", "fit_gemm", "fit_layer_overheads",
            "fit_layer_bandwidth", "fit_link", "fit_tensor_link", "host_facts", "reference_layer_spec",
            "shared_host_profile"]

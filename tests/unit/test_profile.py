@@ -12,7 +12,8 @@ from modelpar.planner import comm, compute
 from modelpar.planner.constants import KERNEL_OVERHEAD_S, NETWORK_EFFICIENCY
 from modelpar.planner.cost import data_parallel_work, estimate
 from modelpar.profile_fits import (REFERENCE_LAYERS, TENSOR_COLLECTIVES_PER_LAYER, TENSOR_REFERENCE_LAYERS,
-                                   build_cluster, dropped_elements, fit_bandwidth, fit_gemm, fit_layer_bandwidth,
+                                   TINY_REFERENCE_LAYER, build_cluster, dropped_elements, fit_bandwidth, fit_gemm,
+                                   fit_layer_bandwidth, fit_layer_overheads,
                                    fit_link, fit_tensor_link, forward_backward_terms, reference_layer_spec,
                                    shared_host_profile)
 from modelpar.planner.pipeline import simulate
@@ -139,6 +140,26 @@ def test_tensor_link_fit_recovers_the_link_that_made_the_tensor_parallel_layer_t
     assert fitted[0] == pytest.approx(bandwidth, rel=1e-6) and fitted[1] == pytest.approx(latency, rel=1e-6)
     assert fit_tensor_link(device, ranks, [1e-9] * len(times), bandwidth) is None  # nothing left for them
     assert fit_tensor_link(device, 1, times, bandwidth) is None
+
+
+def test_layer_overheads_are_what_a_tiny_layer_takes_beyond_its_kernels():
+    device = cpu_device()
+    hidden, heads, mlp, seq, batch = TINY_REFERENCE_LAYER
+    kernels = compute.layer_compute(reference_layer_spec(hidden, heads, mlp, seq), device, batch, 1, False, "none")
+    per_element = dropped_elements(hidden, heads, seq, batch) * device.dropout_ns_per_element * 1e-9
+    forward, backward, dropout_call = kernels.forward_s + 250e-6, kernels.backward_s + 300e-6, 600e-6
+    fitted = fit_layer_overheads(device, (forward, forward + backward, forward + backward + per_element + dropout_call))
+    assert fitted.layer_forward_overhead_us == pytest.approx(250.0)
+    assert fitted.layer_backward_overhead_us == pytest.approx(300.0)
+    assert fitted.dropout_call_overhead_us == pytest.approx(600.0)
+    assert fit_layer_overheads(device, None) is device
+    # the cost model charges them per layer: forward (+ the dropout calls when the model drops out), backward
+    spec = MODEL_PRESETS["gpt-tiny"]
+    plain = compute.layer_compute(spec, device, 2, 1, False, "none")
+    charged = compute.layer_compute(spec, fitted, 2, 1, False, "full")
+    assert charged.forward_s - plain.forward_s == pytest.approx(850e-6)
+    assert charged.backward_s - plain.backward_s == pytest.approx(300e-6)
+    assert charged.recompute_s == pytest.approx(charged.forward_s)
 
 
 def test_profiled_tensor_link_prices_tensor_parallel_collectives_only():

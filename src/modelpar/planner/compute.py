@@ -39,7 +39,9 @@ values that replace the global constants for that device only: `matmul_efficienc
 (a CPU BLAS packs both operands and the result block by block, at a rate far below streaming
 bandwidth: the operand term of the GEMM time uses it), `value_bytes` (4: fp32 training),
 `dropout_ns_per_element` (the runtime's keyed-hash dropout, far dearer than a fused 1-byte mask)
-and `optimizer_ns_per_parameter`. With `attention_kernel = 'explicit'` the attention core is the
+and `optimizer_ns_per_parameter`, and fixed per-layer costs (`layer_forward_overhead_us`,
+`layer_backward_overhead_us`, `dropout_call_overhead_us`: module calls and Python-level functions
+that a tiny layer shows, `layer_fixed_overheads`). With `attention_kernel = 'explicit'` the attention core is the
 textbook one the CPU runtime runs (`models.gpt.AttentionCore`): two batched GEMMs over the whole
 s x s score matrix (no causal skipping) and the scale, causal mask, softmax (and dropout) as
 separate kernels that each read and write the b a s^2 scores (Korthikanti et al. 2022, Sec. 4.1
@@ -138,6 +140,16 @@ def dropout_time(device: DeviceSpec, elements: float) -> float:
     return MASK_BYTES * elements / _memory_rate(device)
 
 
+def layer_fixed_overheads(device: DeviceSpec, dropout: bool) -> tuple[float, float]:
+    """(forward, backward) fixed seconds of one layer beyond its kernels, measured for eager
+    runtimes (`modelpar profile`): module calls and Python-level autograd functions, and with
+    dropout the per-layer cost of drawing the keyed masks. Zero for the presets (fused kernels)."""
+    forward = (device.layer_forward_overhead_us or 0.0) * 1e-6
+    if dropout:
+        forward += (device.dropout_call_overhead_us or 0.0) * 1e-6
+    return forward, (device.layer_backward_overhead_us or 0.0) * 1e-6
+
+
 @dataclass(frozen=True)
 class LayerCompute:
     """Seconds one transformer layer takes on one device for one micro-batch (no communication).
@@ -218,6 +230,9 @@ def layer_compute(
     elementwise_bwd = memory_bound_time(device, BACKWARD_TRAFFIC_FACTOR * elementwise_bytes, elementwise_kernels)
     if dropout and device.dropout_ns_per_element is None:  # the fused backward kernel reads the mask back
         elementwise_bwd += BACKWARD_TRAFFIC_FACTOR * residual_dropout
+    fixed_fwd, fixed_bwd = layer_fixed_overheads(device, dropout)
+    elementwise_fwd += fixed_fwd
+    elementwise_bwd += fixed_bwd
 
     if recompute == "full":
         recompute_s = matmul_fwd + attention_fwd + elementwise_fwd

@@ -51,6 +51,17 @@ class DeviceSpec:
         default=None, metadata={"doc": "Time of one AdamW step, ns per local parameter (None: "
                                        "ADAM_BYTES_PER_PARAMETER at memory bandwidth)."}
     )
+    layer_forward_overhead_us: float | None = field(
+        default=None, metadata={"doc": "Fixed seconds (us) of one layer's forward beyond its kernels: module "
+                                       "calls and Python-level autograd functions of an eager runtime (measured)."}
+    )
+    layer_backward_overhead_us: float | None = field(
+        default=None, metadata={"doc": "The same for one layer's backward (us)."}
+    )
+    dropout_call_overhead_us: float | None = field(
+        default=None, metadata={"doc": "Fixed us per layer of drawing its dropout masks, beyond the per-element "
+                                       "cost (the keyed masks' index arithmetic and generator calls)."}
+    )
     value_bytes: int | None = field(
         default=None, metadata={"doc": "Bytes per activation/weight/gradient value of the precision this "
                                        "device trains in (None: 2, 16-bit mixed precision; 4: fp32)."}
@@ -62,7 +73,8 @@ class DeviceSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise SpecError(f"device '{self.name}': {key} must be a positive number, got {value!r}")
         for key in ("matmul_efficiency", "matmul_operand_bandwidth_gb_per_s", "memory_bandwidth_efficiency",
-                    "kernel_overhead_us", "dropout_ns_per_element", "optimizer_ns_per_parameter"):
+                    "kernel_overhead_us", "dropout_ns_per_element", "optimizer_ns_per_parameter",
+                    "layer_forward_overhead_us", "layer_backward_overhead_us", "dropout_call_overhead_us"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise SpecError(f"device '{self.name}': {key} must be a non-negative number or null, got {value!r}")
@@ -132,7 +144,10 @@ def scale_rates(device: DeviceSpec, factor: float) -> DeviceSpec:
                    matmul_operand_bandwidth_gb_per_s=multiplied(device.matmul_operand_bandwidth_gb_per_s),
                    kernel_overhead_us=divided(device.kernel_overhead_us),
                    dropout_ns_per_element=divided(device.dropout_ns_per_element),
-                   optimizer_ns_per_parameter=divided(device.optimizer_ns_per_parameter))
+                   optimizer_ns_per_parameter=divided(device.optimizer_ns_per_parameter),
+                   layer_forward_overhead_us=divided(device.layer_forward_overhead_us),
+                   layer_backward_overhead_us=divided(device.layer_backward_overhead_us),
+                   dropout_call_overhead_us=divided(device.dropout_call_overhead_us))
 
 
 @dataclass(frozen=True)
