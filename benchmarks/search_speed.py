@@ -10,19 +10,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from modelpar.planner import compute, cost, pipeline
+from modelpar.planner import cost
 from modelpar.planner import search as search_module
 from modelpar.planner.search import describe_plan, explain_rejections, search
 from modelpar.specs import CLUSTER_PRESETS, MODEL_PRESETS
 
 
 def clear_caches() -> None:
-    for cached in (
-        compute.layer_compute, compute.head_compute, compute.embedding_compute, cost.rank_work,
-        cost.data_parallel_work, cost.tensor_comm_per_layer, cost.p2p_per_transfer, cost._pipeline_profile,
-        search_module._activation_memory, pipeline.bubble_fraction, pipeline.peak_in_flight_chunks,
-    ):
-        cached.cache_clear()
+    cost.clear_caches()
+    search_module._activation_memory.cache_clear()
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ The schedule's real action lists (`runtime.schedules.build_schedule`) are placed
 `planner.pipeline.simulate` with per-action durations from the cost model's own pieces, so the
 picture is the step that `planner.cost.estimate` prices:
 
-- forward of chunk c on pipeline rank r (global stage g = c p + r, L / (p v) layers), per
-  micro-batch: layers x (layer forward compute + tensor-parallel forward collectives)
+- forward of chunk c on pipeline rank r (global stage g = c p + r, L / (p v) layers; the
+  durations are `cost.stage_times`), per micro-batch: layers x (layer forward compute + tensor-parallel forward collectives)
   (`compute.layer_compute`, `cost.tensor_comm_per_layer`), + the embedding forward on stage 0
   and the head (final norm, logits, loss) forward on the last stage (`compute.embedding_compute`,
   `compute.head_compute`), with their vocabulary-parallel collectives (`cost.tensor_comm_edges`);
@@ -68,34 +68,20 @@ def action_times(
 ) -> ActionTimes:
     """Per-(rank, chunk) forward/backward seconds and the transfer time (see module docstring);
     `grad_sync_s` and `optimizer_s` (the step's tail) are passed through."""
-    from modelpar.planner import compute, cost
+    from modelpar.planner import cost
 
-    device = cluster.device
     t, p, v = plan.tensor_parallel, plan.pipeline_parallel, plan.virtual_stages
-    b, recompute = plan.micro_batch_size, plan.recompute
+    b = plan.micro_batch_size
     sp = bool(plan.sequence_parallel) and t > 1
-    layer = compute.layer_compute(model, device, b, t, sp, recompute)
-    tp_forward, tp_backward, tp_recompute = cost.tensor_comm_per_layer(model, cluster, b, t, sp, recompute)
-    layers = model.num_layers // (p * v)
-    body_forward = layers * (layer.forward_s + tp_forward)
-    body_backward = layers * (layer.recompute_s + tp_recompute + layer.backward_s + tp_backward)
-    embedding_forward, embedding_backward = compute.embedding_compute(model, device, b, t, sp)
-    head_forward, head_backward = compute.head_compute(model, device, b, t, sp)
-    edge_comm = cost.tensor_comm_edges(model, cluster, b, t, sp)
-    embedding_forward, embedding_backward = embedding_forward + edge_comm[0], embedding_backward + edge_comm[1]
-    head_forward, head_backward = head_forward + edge_comm[2], head_backward + edge_comm[3]
-    last = p * v - 1
-    forward, backward = [], []
-    for rank in range(p):
-        stages = [chunk * p + rank for chunk in range(v)]
-        forward.append(tuple(
-            body_forward + (embedding_forward if g == 0 else 0.0) + (head_forward if g == last else 0.0)
-            for g in stages))
-        backward.append(tuple(
-            body_backward + (embedding_backward if g == 0 else 0.0) + (head_backward if g == last else 0.0)
-            for g in stages))
+    stages = cost.stage_times(model, cluster, t, p, v, b, sp, plan.recompute)
+
+    def per_rank(seconds) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(seconds(stages[chunk * p + rank]) for chunk in range(v)) for rank in range(p))
+
+    forward = per_rank(lambda stage: stage.compute_forward + stage.comm_forward)
+    backward = per_rank(lambda stage: stage.compute_backward + stage.comm_backward)
     p2p = cost.p2p_per_transfer(model, cluster, b, t, p, sp)
-    return ActionTimes(tuple(forward), tuple(backward), p2p, grad_sync_s, optimizer_s)
+    return ActionTimes(forward, backward, p2p, grad_sync_s, optimizer_s)
 
 
 def predict_schedule(

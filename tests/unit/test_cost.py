@@ -37,15 +37,11 @@ def plan(t=1, p=1, d=1, v=1, b=1, batch=8, sp=False, recompute="none", zero=0, s
 @pytest.fixture
 def no_kernel_overhead(monkeypatch):
     monkeypatch.setattr(compute, "KERNEL_OVERHEAD_S", 0.0)
-    _clear_caches()
+    cost.clear_caches()
     yield
-    _clear_caches()
+    cost.clear_caches()
 
 
-def _clear_caches():
-    for cached in (compute.layer_compute, compute.head_compute, compute.embedding_compute, cost.rank_work,
-                   cost.data_parallel_work, cost.tensor_comm_per_layer, cost.p2p_per_transfer):
-        cached.cache_clear()
 
 
 def test_compute_only_step_is_flops_over_peak_times_efficiency(no_kernel_overhead):

@@ -55,7 +55,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from modelpar.planner import comm, compute, flops, shared_host
+from modelpar.planner import comm, compute, flops, pipeline, shared_host
 from modelpar.planner.constants import GRADIENT_BYTES, USABLE_MEMORY_FRACTION
 from modelpar.planner.memory import MemoryBreakdown, memory_per_device, stage_parameters
 from modelpar.planner.pipeline import bubble_fraction as simulated_bubble_fraction
@@ -228,6 +228,50 @@ def tensor_comm_edges(
     return comm.all_reduce_time(activation, t, link), 0.0, loss, comm.all_reduce_time(activation, t, link)
 
 
+@dataclass(frozen=True)
+class StageTimes:
+    """Seconds one micro-batch spends on one global pipeline stage (its L / (p v) layers, + the
+    embedding on the first stage, + the head on the last): compute and tensor-parallel
+    collectives, forward and backward (the backward includes the recomputed forward)."""
+
+    compute_forward: float
+    compute_backward: float
+    comm_forward: float
+    comm_backward: float
+
+
+@functools.lru_cache(maxsize=8192)
+def stage_times(
+    model: ModelSpec, cluster: ClusterSpec, tensor_parallel: int, pipeline_parallel: int, virtual_stages: int,
+    micro_batch_size: int, sequence_parallel: bool, recompute: str,
+) -> tuple[StageTimes, ...]:
+    """Per-action durations of every global stage g = chunk x p + pipeline rank, from the same
+    pieces as `rank_work` (`compute.layer_compute`, `tensor_comm_per_layer`,
+    `compute.embedding_compute` / `head_compute`, `tensor_comm_edges`): what the schedule
+    simulations (`planner.shared_host`, `modelpar simulate`) place in time."""
+    t, p, b, sp = tensor_parallel, pipeline_parallel, micro_batch_size, sequence_parallel
+    device = cluster.device
+    layer = compute.layer_compute(model, device, b, t, sp, recompute)
+    tp_fwd, tp_bwd, tp_rc = tensor_comm_per_layer(model, cluster, b, t, sp, recompute)
+    embed_fwd, embed_bwd = compute.embedding_compute(model, device, b, t, sp)
+    head_fwd, head_bwd = compute.head_compute(model, device, b, t, sp)
+    comm_embed_fwd, comm_embed_bwd, comm_head_fwd, comm_head_bwd = tensor_comm_edges(model, cluster, b, t, sp)
+    layers = model.num_layers // (p * virtual_stages)
+    last = p * virtual_stages - 1
+    stages = []
+    for stage in range(p * virtual_stages):
+        first, final = stage == 0, stage == last
+        stages.append(StageTimes(
+            compute_forward=layers * layer.forward_s + (embed_fwd if first else 0.0) + (head_fwd if final else 0.0),
+            compute_backward=(layers * (layer.backward_s + layer.recompute_s) + (embed_bwd if first else 0.0)
+                              + (head_bwd if final else 0.0)),
+            comm_forward=layers * tp_fwd + (comm_embed_fwd if first else 0.0) + (comm_head_fwd if final else 0.0),
+            comm_backward=(layers * (tp_bwd + tp_rc) + (comm_embed_bwd if first else 0.0)
+                           + (comm_head_bwd if final else 0.0)),
+        ))
+    return tuple(stages)
+
+
 @functools.lru_cache(maxsize=8192)
 def p2p_per_transfer(
     model: ModelSpec, cluster: ClusterSpec, micro_batch_size: int, tensor_parallel: int, pipeline_parallel: int,
@@ -386,10 +430,8 @@ def step_time_parts(
     reduce_s, gather_s, optimizer_s = data_parallel_work(model, cluster, t, p, d, zero_stage)
     if cluster.shares_cores(t * p * d):  # more CPU ranks than cores: processor sharing
         shared = shared_host.step_under_sharing(
-            model, cluster.device, t, p, d, v, b, m, sp, recompute, schedule,
-            tensor_comm_per_layer(model, cluster, b, t, sp, recompute), tensor_comm_edges(model, cluster, b, t, sp),
-            p2p_per_transfer(model, cluster, b, t, p, sp),
-            cluster.host_cores)
+            stage_times(model, cluster, t, p, v, b, sp, recompute), schedule, p, v, m, t * d,
+            p2p_per_transfer(model, cluster, b, t, p, sp), cluster.host_cores)
         busiest = max(range(p), key=shared.compute_wall.__getitem__)
         compute_s, tensor_comm_s = shared.compute_wall[busiest], shared.communication[busiest]
         bubble_s = max(0.0, shared.makespan - compute_s - tensor_comm_s - p2p_s)
@@ -405,6 +447,16 @@ def step_time_parts(
         overlapped_s,
     )
     return step, parts, bubble_fraction
+
+
+def clear_caches() -> None:
+    """Empty every memo of the step-time model (compute, communication, schedule profiles, the
+    shared-host simulation): for cold-start timings, and for tests that patch a constant."""
+    for cached in (compute.layer_compute, compute.head_compute, compute.embedding_compute, _pipeline_profile,
+                   tensor_comm_per_layer, tensor_comm_edges, stage_times, p2p_per_transfer, rank_work,
+                   data_parallel_work, shared_host.step_under_sharing, pipeline.bubble_fraction,
+                   pipeline.peak_in_flight_chunks):
+        cached.cache_clear()
 
 
 def _estimate(model: ModelSpec, cluster: ClusterSpec, plan: ParallelPlan) -> StepEstimate:

@@ -27,10 +27,7 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from modelpar.planner import compute
 from modelpar.runtime.schedules import BACKWARD, FORWARD, Action, build_schedule, global_stage
-from modelpar.specs.cluster import DeviceSpec
-from modelpar.specs.model import ModelSpec
 
 WorkFn = Callable[[int, Action], float]
 
@@ -123,40 +120,21 @@ def simulate_shared(actions: Sequence[Sequence[Action]], work: WorkFn, communica
 
 
 @functools.lru_cache(maxsize=4096)
-def step_under_sharing(model: ModelSpec, device: DeviceSpec, t: int, p: int, d: int, v: int, b: int, m: int,
-                       sp: bool, recompute: str, schedule: str, tensor_comm: tuple[float, float, float],
-                       edge_comm: tuple[float, float, float, float], p2p_s: float, cores: int) -> SharedStep:
-    """Processor-sharing step of a complete plan: per action, the cost model's solo compute on
-    `device` (`compute.layer_compute` x layers of the chunk, + the embedding on global stage 0 and
-    the head on the last) and its tensor-parallel collectives (`tensor_comm`: per layer forward,
-    backward, recomputation seconds, `cost.tensor_comm_per_layer`; `edge_comm`: the embedding's
-    and head's forward and backward seconds, `cost.tensor_comm_edges`)."""
-    layer = compute.layer_compute(model, device, b, t, sp, recompute)
-    embed_fwd, embed_bwd = compute.embedding_compute(model, device, b, t, sp)
-    head_fwd, head_bwd = compute.head_compute(model, device, b, t, sp)
-    layers = model.num_layers // (p * v)
-    last = p * v - 1
+def step_under_sharing(stages: tuple, schedule: str, p: int, v: int, m: int, ranks_per_pipeline_rank: int,
+                       p2p_s: float, cores: int) -> SharedStep:
+    """Processor-sharing step of a complete plan: `stages[g]` (`cost.StageTimes`) gives each
+    action's solo compute and its tensor-parallel collectives on global stage g."""
 
     def work(rank: int, action: Action) -> float:
-        stage = global_stage(rank, action.chunk, p)
-        if action.kind == FORWARD:
-            seconds = layers * layer.forward_s
-            return seconds + (embed_fwd if stage == 0 else 0.0) + (head_fwd if stage == last else 0.0)
-        seconds = layers * (layer.backward_s + layer.recompute_s)
-        return seconds + (embed_bwd if stage == 0 else 0.0) + (head_bwd if stage == last else 0.0)
+        stage = stages[global_stage(rank, action.chunk, p)]
+        return stage.compute_forward if action.kind == FORWARD else stage.compute_backward
 
     def communication(rank: int, action: Action) -> float:
-        forward, backward, recomputed = tensor_comm
-        embed_fwd_comm, embed_bwd_comm, head_fwd_comm, head_bwd_comm = edge_comm
-        stage = global_stage(rank, action.chunk, p)
-        if action.kind == FORWARD:
-            seconds = layers * forward
-            return seconds + (embed_fwd_comm if stage == 0 else 0.0) + (head_fwd_comm if stage == last else 0.0)
-        seconds = layers * (backward + recomputed)
-        return seconds + (embed_bwd_comm if stage == 0 else 0.0) + (head_bwd_comm if stage == last else 0.0)
+        stage = stages[global_stage(rank, action.chunk, p)]
+        return stage.comm_forward if action.kind == FORWARD else stage.comm_backward
 
-    actions = build_schedule(schedule, p, m, v)
-    return simulate_shared(actions, work, communication, p2p_s, t * d, cores)
+    return simulate_shared(build_schedule(schedule, p, m, v), work, communication, p2p_s, ranks_per_pipeline_rank,
+                           cores)
 
 
 __all__ = ["SharedStep", "simulate_shared", "step_under_sharing"]
