@@ -264,98 +264,76 @@ def _measure_elementwise(bench: _Bench, value_bytes: int) -> list[tuple[float, f
     return samples
 
 
+class _LayerStack:
+    """REFERENCE_STACK distinct layers of one reference shape (hidden, heads, MLP width, sequence,
+    micro-batch) and their input, run as a model runs its layers: forward through all, then
+    backward through all. (One layer repeated keeps its weights and activations in cache; in a
+    model each layer's weights were evicted by the others since its last use, which costs 3-16%
+    on a CPU with these shapes.) `split`: attention and MLP split over all the profile's ranks
+    (the runtime's own ParallelAttention / ParallelMLP, no sequence parallelism)."""
+
+    def __init__(self, bench: _Bench, shape: tuple, dropout: float = 0.0, split: bool = False) -> None:
+        from modelpar.models.gpt import DropoutKey, TransformerLayer
+        from modelpar.runtime.tensor_parallel import ParallelAttention, ParallelMLP
+
+        hidden, heads, mlp, seq, batch = shape
+        spec = reference_layer_spec(hidden, heads, mlp, seq, dropout)
+        self.layers = []
+        for index in range(REFERENCE_STACK):
+            layer = TransformerLayer(spec, index)
+            if split:
+                layer.attention = ParallelAttention.from_serial(layer.attention, None, False)
+                layer.mlp = ParallelMLP.from_serial(layer.mlp, None, False)
+            self.layers.append(layer.to(bench.device, bench.dtype))
+        self.x, self.grad = bench.tensor(batch, seq, hidden, grad=True), bench.tensor(batch, seq, hidden)
+        self.key = DropoutKey(0, 0)
+
+    def forward(self):
+        hidden_states = self.x
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, self.key)
+        return hidden_states
+
+    def forward_backward(self) -> None:
+        self.forward().backward(self.grad)
+
+
 def _measure_reference_layers(bench: _Bench) -> list[tuple[float, float]]:
     """(seconds without dropout, seconds with dropout 0.1) of forward + backward of one reference
-    layer (the runtime's own TransformerLayer), measured as a model runs its layers: a stack of
-    REFERENCE_STACK distinct layers, forward through all then backward through all, divided by
-    the count. (One layer repeated keeps its weights and activations in cache; in a model each
-    layer's weights were evicted by the other layers since its last use, which costs 3-16% on a
-    CPU with these shapes.) None with --fast."""
-    from modelpar.models.gpt import DropoutKey, TransformerLayer
-
+    layer (the runtime's own TransformerLayer) inside a `_LayerStack`, in alternating windows (the
+    dropout cost is their difference). None with --fast."""
     seconds = []
-    for hidden, heads, mlp, seq, batch in bench.sizes(REFERENCE_LAYERS, (), GPU_REFERENCE_LAYERS):
-        x, grad = bench.tensor(batch, seq, hidden, grad=True), bench.tensor(batch, seq, hidden)
-        key = DropoutKey(0, 0)
-        stacks = []
-        for dropout in (0.0, 0.1):
-            spec = reference_layer_spec(hidden, heads, mlp, seq, dropout)
-            layers = [TransformerLayer(spec, index).to(bench.device, bench.dtype) for index in range(REFERENCE_STACK)]
-
-            def stack(layers=layers):
-                hidden_states = x
-                for layer in layers:
-                    hidden_states = layer(hidden_states, key)
-                hidden_states.backward(grad)
-
-            stacks.append(stack)
-        # alternating windows: the dropout cost is their difference
-        seconds.append(tuple(value / REFERENCE_STACK for value in bench.paired_seconds_per_call(*stacks)))
+    for shape in bench.sizes(REFERENCE_LAYERS, (), GPU_REFERENCE_LAYERS):
+        stacks = [_LayerStack(bench, shape, dropout) for dropout in (0.0, 0.1)]
+        seconds.append(tuple(value / REFERENCE_STACK
+                             for value in bench.paired_seconds_per_call(*(s.forward_backward for s in stacks))))
     return seconds
 
 
 def _measure_tiny_layer(bench: _Bench) -> tuple[float, float, float] | None:
     """(forward, forward + backward, forward + backward with dropout 0.1) seconds of one layer of
-    TINY_REFERENCE_LAYER, inside a stack, in alternating windows: its kernels cost next to nothing,
-    so what is left over the cost model's kernels is the fixed cost of a layer (module calls,
-    Python-level autograd functions) and of drawing its dropout masks. None with --fast."""
-    from modelpar.models.gpt import DropoutKey, TransformerLayer
-
+    TINY_REFERENCE_LAYER, inside a `_LayerStack`, in alternating windows: its kernels cost next to
+    nothing, so what is left over the cost model's kernels is the fixed cost of a layer (module
+    calls, Python-level autograd functions) and of drawing its dropout masks. None with --fast."""
     if bench.options.fast:
         return None
-    hidden, heads, mlp, seq, batch = TINY_REFERENCE_LAYER
-    x, grad = bench.tensor(batch, seq, hidden, grad=True), bench.tensor(batch, seq, hidden)
-    key = DropoutKey(0, 0)
-    stacks = {}
-    for dropout in (0.0, 0.1):
-        spec = reference_layer_spec(hidden, heads, mlp, seq, dropout)
-        stacks[dropout] = [TransformerLayer(spec, index).to(bench.device, bench.dtype)
-                           for index in range(REFERENCE_STACK)]
-
-    def forward(layers):
-        hidden_states = x
-        for layer in layers:
-            hidden_states = layer(hidden_states, key)
-        return hidden_states
-
-    seconds = bench.paired_seconds_per_call(lambda: forward(stacks[0.0]),
-                                            lambda: forward(stacks[0.0]).backward(grad),
-                                            lambda: forward(stacks[0.1]).backward(grad))
+    plain, dropped = _LayerStack(bench, TINY_REFERENCE_LAYER), _LayerStack(bench, TINY_REFERENCE_LAYER, 0.1)
+    seconds = bench.paired_seconds_per_call(plain.forward, plain.forward_backward, dropped.forward_backward)
     return tuple(value / REFERENCE_STACK for value in seconds)
 
 
 def _measure_tensor_parallel_layers(bench: _Bench) -> list[float]:
     """Seconds of forward + backward of one tensor-parallel reference layer split over all the
-    ranks of the profile (the runtime's own ParallelAttention / ParallelMLP, no sequence
-    parallelism, no dropout), timed inside a stack of REFERENCE_STACK layers; none with --fast
-    or a single rank."""
+    ranks of the profile, inside a `_LayerStack` (no dropout); none with --fast or a single rank."""
     import torch.distributed as dist
-
-    from modelpar.models.gpt import DropoutKey, TransformerLayer
-    from modelpar.runtime.tensor_parallel import ParallelAttention, ParallelMLP
 
     if bench.options.fast or dist.get_world_size() == 1:
         return []
     seconds = []
-    for hidden, heads, mlp, seq, batch in TENSOR_REFERENCE_LAYERS:
-        spec = reference_layer_spec(hidden, heads, mlp, seq)
-        layers = []
-        for index in range(REFERENCE_STACK):
-            layer = TransformerLayer(spec, index)
-            layer.attention = ParallelAttention.from_serial(layer.attention, None, False)
-            layer.mlp = ParallelMLP.from_serial(layer.mlp, None, False)
-            layers.append(layer.to(bench.device, bench.dtype))
-        x, grad = bench.tensor(batch, seq, hidden, grad=True), bench.tensor(batch, seq, hidden)
-        key = DropoutKey(0, 0)
-
-        def stack():
-            hidden_states = x
-            for layer in layers:
-                hidden_states = layer(hidden_states, key)
-            hidden_states.backward(grad)
-
+    for shape in TENSOR_REFERENCE_LAYERS:
+        stack = _LayerStack(bench, shape, split=True)
         dist.barrier()
-        seconds.append(bench.seconds_per_call(stack) / REFERENCE_STACK)
+        seconds.append(bench.seconds_per_call(stack.forward_backward) / REFERENCE_STACK)
     return seconds
 
 

@@ -187,6 +187,18 @@ def train_cases(rank: int, world_size: int, cases: list[Case], store_dir: str, b
     return run_in_own_groups(rank, world_size, cases, store_dir, train, backend)
 
 
+def launch_with_store(worker: Callable, world_size: int, items: list, timeout_s: float, title: str) -> dict:
+    """worker(rank, world_size, items, store_dir) (typically built on `run_in_own_groups`) on
+    `world_size` gloo ranks with a fresh store directory; rank 0's {item name: result}, and one
+    printed line of the launch's and each item's seconds."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as store_dir:
+        results = run_ranks(worker, world_size, items, store_dir, timeout_s=timeout_s)[0]
+    print(f"\n{title} launch: {time.perf_counter() - started:.1f} s; "
+          + ", ".join(f"{name} {result['seconds']:.1f}s" for name, result in results.items()))
+    return results
+
+
 def launch_cases(cases: list[Case], world_size: int, timeout_s: float, backend: str = "gloo",
                  inspect: Callable | None = None, environment: dict | None = None) -> dict:
     """`train_cases` on `world_size` ranks (gloo, or nccl with a GPU per rank); rank 0's results.

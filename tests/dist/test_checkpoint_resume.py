@@ -16,8 +16,6 @@ re-initialises the default process group on a fresh FileStore (as tests/dist/tes
 from __future__ import annotations
 
 import dataclasses
-import tempfile
-import time
 
 import pytest
 import torch
@@ -29,7 +27,7 @@ from modelpar.specs.model import MODEL_PRESETS
 from modelpar.specs.plan import ParallelPlan
 from modelpar.train import RankTrainer, TrainConfig
 
-from .harness import dict_mismatches, relative_mismatch, run_in_own_groups, run_ranks
+from .harness import dict_mismatches, launch_with_store, relative_mismatch, run_in_own_groups
 
 pytestmark = pytest.mark.dist
 
@@ -114,12 +112,7 @@ def _run_phases(rank: int, world_size: int, phases: list[Phase], store_dir: str)
 
 @pytest.fixture(scope="module")
 def runs():
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as store_dir:
-        results = run_ranks(_run_phases, WORLD, PHASES, store_dir, timeout_s=300)[0]
-    print(f"\ncheckpoint-resume launch: {time.perf_counter() - started:.1f} s; "
-          + ", ".join(f"{name} {r['seconds']:.1f}s" for name, r in results.items()))
-    return results
+    return launch_with_store(_run_phases, WORLD, PHASES, timeout_s=300, title="checkpoint-resume")
 
 
 @pytest.mark.parametrize("case", list(RESUMED))

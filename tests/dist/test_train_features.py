@@ -22,12 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tempfile
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from modelpar.data import make_token_source
 from modelpar.models.gpt import DropoutKey, init_gpt
@@ -35,7 +32,7 @@ from modelpar.specs.model import MODEL_PRESETS
 from modelpar.specs.plan import ParallelPlan
 from modelpar.train import RankTrainer, TrainConfig
 
-from .harness import dict_mismatches, relative_mismatch, run_in_own_groups, run_ranks
+from .harness import dict_mismatches, launch_with_store, relative_mismatch, run_in_own_groups
 
 pytestmark = pytest.mark.dist
 
@@ -112,12 +109,7 @@ def _run_cases(rank: int, world_size: int, cases: list[Case], store_dir: str) ->
 
 @pytest.fixture(scope="module")
 def runs():
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as store_dir:
-        results = run_ranks(_run_cases, WORLD, CASES, store_dir, timeout_s=300)[0]
-    print(f"\ntrain-features launch: {time.perf_counter() - started:.1f} s; "
-          + ", ".join(f"{name} {r['seconds']:.1f}s" for name, r in results.items()))
-    return results
+    return launch_with_store(_run_cases, WORLD, CASES, timeout_s=300, title="train-features")
 
 
 def serial_training(case: Case) -> dict:
