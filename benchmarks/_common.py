@@ -60,7 +60,7 @@ def paired_ratio(ours_s: Sequence[float], theirs_s: Sequence[float]) -> PairedRa
 
 def machine_description() -> dict:
     """What the figures were measured on: CPU model, core count, OS, Python, torch, date (UTC)."""
-    from modelpar.profile_fits import cpu_model_name
+    from modelpar.profiling.fits import cpu_model_name
 
     cpu = cpu_model_name()
     try:

@@ -7,7 +7,7 @@ prediction of `planner.cost.estimate` on the profiled local cluster (`modelpar p
 through `--cluster local`). The figure is the median over the grid of |predicted / measured - 1|.
 
 Every row also carries the compute / communication / bubble split of both sides (definitions in
-`modelpar.runtime.prediction`), so a miss can be traced to its part.
+`modelpar.planner.prediction`), so a miss can be traced to its part.
 
 Run `modelpar profile` first (minutes), then: `python benchmarks/fidelity.py [--json]`.
 Other processes on the machine disturb both the profile and the runs; the script prints the load
@@ -57,7 +57,7 @@ def grid_plan(t: int, p: int, d: int, v: int, schedule: str, b: int, m: int, ext
 
 
 def run_grid(model_name: str, cluster_name: str, steps: int, names: list[str]) -> list[dict]:
-    from modelpar.train import run_training
+    from modelpar.training.trainer import run_training
 
     model, cluster = MODEL_PRESETS[model_name], load_cluster(cluster_name)
     rows = []

@@ -1,6 +1,6 @@
 """modelpar's runtime against PyTorch's own parallel APIs: same GPT, same machine, one run.
 
-Tensor parallel, t = 2 ranks: `modelpar.models.parallelize` (Megatron-style column/row layers,
+Tensor parallel, t = 2 ranks: `modelpar.models.gpt_parallel` (Megatron-style column/row layers,
 vocab-parallel embedding and cross-entropy) against torch.distributed.tensor.parallel with
 torchtitan's plan without sequence parallelism: ColwiseParallel on attention.qkv, mlp.fc1 and the
 LM head (logits left sharded on the vocabulary for `loss_parallel`), RowwiseParallel on
@@ -92,7 +92,7 @@ def benchmark_model(name: str) -> ModelSpec:
 
 def make_batch(config: BenchConfig, step: int, sequences: int):
     """(tokens, targets) [sequences, s] of a step: the same on every rank and for both sides."""
-    from modelpar.data import SyntheticTokens
+    from modelpar.training.data import SyntheticTokens
 
     batch = SyntheticTokens(config.model.vocab_size, config.seed).global_batch(step, sequences, config.model.seq_length)
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
@@ -180,7 +180,7 @@ def tensor_parallel_worker(rank: int, world_size: int, config: BenchConfig) -> d
     from torch.distributed.tensor.parallel import loss_parallel
 
     from modelpar.models.gpt import init_gpt
-    from modelpar.models.parallelize import parallelize, sync_tensor_parallel_grads
+    from modelpar.models.gpt_parallel import parallelize, sync_tensor_parallel_grads
     from modelpar.runtime.mesh import ParallelContext, ParallelDims
 
     spec, t = config.model, config.tensor_parallel
@@ -243,11 +243,11 @@ def pipeline_worker(rank: int, world_size: int, config: BenchConfig) -> dict:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-    from modelpar.data import Batch
+    from modelpar.training.data import Batch
     from modelpar.models.gpt import init_gpt
     from modelpar.runtime.mesh import ParallelContext, ParallelDims
     from modelpar.runtime.pipeline import PipelineExecutor, PipelineTopology, Timeline, build_chunks, stage_layer_ranges
-    from modelpar.runtime.schedules import build_schedule
+    from modelpar.schedules.actions import build_schedule
 
     spec, p, m, b = config.model, config.pipeline_stages, config.num_micro_batches, config.micro_batch_size
     first, last = rank == 0, rank == p - 1
@@ -387,8 +387,8 @@ def measured_bubbles(rank_results: list[dict]) -> dict:
 
 def solo_replay_bubble(rank_results: list[dict], p: int, m: int) -> dict:
     """The executed 1F1B lists replayed by the planner's simulator with solo-measured stage times."""
-    from modelpar.planner.pipeline import simulate
-    from modelpar.runtime.schedules import build_schedule
+    from modelpar.schedules.simulate import simulate
+    from modelpar.schedules.actions import build_schedule
 
     forward = [result["solo"]["forward_s"] for result in rank_results]
     backward = [result["solo"]["backward_s"] for result in rank_results]
@@ -419,7 +419,7 @@ def _forward_backward_ratio(rank_results: list[dict], steps_per_pair: int):
 
 
 def run_benchmark(config: BenchConfig, timeout_s: float = 1800.0) -> dict:
-    from modelpar.planner.pipeline import bubble_fraction, closed_form_bubble_fraction
+    from modelpar.schedules.simulate import bubble_fraction, closed_form_bubble_fraction
     from modelpar.runtime.launch import spawn
 
     load_at_start = os.getloadavg()[0]
@@ -556,7 +556,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def validate(config: BenchConfig) -> None:
     """SpecError before any rank starts when the model cannot be split t or p ways."""
-    from modelpar.models.parallelize import check_tensor_parallel
+    from modelpar.models.gpt_parallel import check_tensor_parallel
     from modelpar.runtime.pipeline import stage_layer_ranges
 
     spec, t = config.model, config.tensor_parallel

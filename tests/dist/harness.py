@@ -23,13 +23,13 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from modelpar.data import make_token_source
+from modelpar.training.data import make_token_source
 from modelpar.models.gpt import DropoutKey, init_gpt
 from modelpar.runtime.launch import spawn
 from modelpar.runtime.mesh import ParallelContext, ParallelDims
 from modelpar.specs.model import ModelSpec
 from modelpar.specs.plan import ParallelPlan
-from modelpar.train import RankTrainer, TrainConfig
+from modelpar.training.trainer import RankTrainer, TrainConfig
 
 DEFAULT_TIMEOUT_S = 240.0
 

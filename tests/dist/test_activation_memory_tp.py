@@ -17,7 +17,7 @@ import dataclasses
 import pytest
 
 from modelpar.planner.memory import activation_bytes_per_layer
-from modelpar.runtime.memory_probe import measure_activation_bytes_per_layer, norm_statistics_bytes
+from modelpar.models.memory_probe import measure_activation_bytes_per_layer, norm_statistics_bytes
 from modelpar.specs.model import MODEL_PRESETS, ModelSpec
 
 from .harness import make_context, run_ranks

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from modelpar import cli
-from modelpar.runtime.prediction import COMPARED_KEYS
+from modelpar.commands import cli
+from modelpar.planner.prediction import COMPARED_KEYS
 from modelpar.specs import load_cluster
 
 pytestmark = pytest.mark.dist

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from modelpar import cli
-from modelpar.data import make_token_source, micro_batches
+from modelpar.commands import cli
+from modelpar.training.data import make_token_source, micro_batches
 from modelpar.models.gpt import DropoutKey, init_gpt
 from modelpar.runtime.data_parallel import all_reduce_gradients
 from modelpar.runtime.pipeline import (PipelineExecutor, PipelineTopology, build_chunks, stage_layer_ranges,
                                        tied_parameters)
-from modelpar.runtime.schedules import Action, build_schedule
+from modelpar.schedules.actions import Action, build_schedule
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import MODEL_PRESETS
-from modelpar.train import CRASH_RANK_ENV
+from modelpar.training.trainer import CRASH_RANK_ENV
 
 from .harness import make_context, mismatch, relative_mismatch, run_ranks
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelpar.models.gpt import DropoutKey, init_gpt
-from modelpar.models.parallelize import (full_grads, full_state_dict, load_full_state_dict, parallelize,
+from modelpar.models.gpt_parallel import (full_grads, full_state_dict, load_full_state_dict, parallelize,
                                          sync_tensor_parallel_grads)
 from modelpar.runtime.collectives import (all_gather_sequence, copy_to_tensor_region, gather_last_dim,
                                           reduce_from_tensor_region, reduce_scatter_sequence, scatter_last_dim,

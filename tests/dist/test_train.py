@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from modelpar import cli
-from modelpar.data import make_token_source
+from modelpar.commands import cli
+from modelpar.training.data import make_token_source
 from modelpar.models.gpt import DropoutKey, init_gpt
 from modelpar.runtime.checkpoint import load_checkpoint
 from modelpar.specs.model import MODEL_PRESETS

@@ -26,11 +26,11 @@ import math
 import pytest
 import torch
 
-from modelpar.data import make_token_source
+from modelpar.training.data import make_token_source
 from modelpar.models.gpt import DropoutKey, init_gpt
 from modelpar.specs.model import MODEL_PRESETS
 from modelpar.specs.plan import ParallelPlan
-from modelpar.train import RankTrainer, TrainConfig
+from modelpar.training.trainer import RankTrainer, TrainConfig
 
 from .harness import dict_mismatches, launch_with_store, relative_mismatch, run_in_own_groups
 
@@ -223,8 +223,8 @@ def test_bf16_gradients_accumulate_in_fp32(runs, case):
 def test_train_command_reports_grad_norms_and_trains_a_padded_vocabulary(tmp_path, capsys):
     """`modelpar train --json` on t = 2 with a vocabulary of 255: per-step gradient norms, the
     learning rates of the schedule, the optimizer settings; the human summary prints them."""
-    from modelpar import cli
-    from modelpar.train_cli import print_summary
+    from modelpar.commands import cli
+    from modelpar.commands.train import print_summary
 
     model = tmp_path / "odd-vocab.json"
     model.write_text(json.dumps({"name": "odd-vocab", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,

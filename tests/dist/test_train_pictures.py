@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from modelpar.cli import main
+from modelpar.commands.cli import main
 
 
 def test_train_writes_side_by_side_png_and_trace(tmp_path, capsys, monkeypatch):

@@ -25,7 +25,7 @@ from dist.harness import Case, Tolerances, launch_cases, make_plan, serial_refer
 from dist.test_batched_p2p import CASES as BATCHED_CASES
 from dist.test_equivalence import CASES, GPT
 from modelpar.runtime.launch import RankFailure, spawn
-from modelpar.train import peak_memory_bytes
+from modelpar.training.trainer import peak_memory_bytes
 
 pytestmark = pytest.mark.gpu
 

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from modelpar.models.gpt import AttentionCore, RMSNorm, causal_softmax
 from modelpar.planner.memory import activation_bytes_per_layer, activation_terms
-from modelpar.runtime.memory_probe import (measure_activation_bytes_per_layer, norm_statistics_bytes,
+from modelpar.models.memory_probe import (measure_activation_bytes_per_layer, norm_statistics_bytes,
                                            saved_activations)
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import MODEL_PRESETS, ModelSpec

@@ -12,7 +12,7 @@ from modelpar.models.gpt import init_gpt
 from modelpar.runtime.checkpoint import FORMAT, Checkpoint, read_checkpoint, read_checkpoint_for
 from modelpar.runtime.zero import AdamW, OptimizerState, ZeroOneAdamW, decay_matrices
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
-from modelpar.train import TrainConfig, complete_plan, validate_training
+from modelpar.training.trainer import TrainConfig, complete_plan, validate_training
 
 SPEC = dataclasses.replace(MODEL_PRESETS["gpt-tiny"], num_layers=2)
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from modelpar.cli import main
+from modelpar.commands.cli import main
 
 
 def run(capsys, *argv):
@@ -109,7 +109,7 @@ def test_malformed_json_and_unknown_key(capsys, tmp_path):
 
 def test_console_script_exit_code_and_no_traceback():
     result = subprocess.run(
-        [sys.executable, "-m", "modelpar.cli", "plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb",
+        [sys.executable, "-m", "modelpar.commands.cli", "plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-80gb",
          "--devices", "0"],
         capture_output=True, text=True, timeout=60,
     )
@@ -118,7 +118,7 @@ def test_console_script_exit_code_and_no_traceback():
 
 
 def test_planner_does_not_import_torch():
-    code = ("import sys, modelpar.cli as c; c.main(['plan','--model','gpt3-175b','--cluster','dgx-a100-80gb',"
+    code = ("import sys, modelpar.commands.cli as c; c.main(['plan','--model','gpt3-175b','--cluster','dgx-a100-80gb',"
             "'--devices','64','--json']); assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

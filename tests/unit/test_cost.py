@@ -7,8 +7,8 @@ import pytest
 from modelpar.planner import compute, cost, flops
 from modelpar.planner.constants import MATMUL_EFFICIENCY
 from modelpar.planner.cost import check_fits, estimate, pipeline_profile
-from modelpar.planner.pipeline import closed_form_bubble_fraction, simulate
-from modelpar.runtime.schedules import build_schedule
+from modelpar.schedules.simulate import closed_form_bubble_fraction, simulate
+from modelpar.schedules.actions import build_schedule
 from modelpar.specs.cluster import CLUSTER_PRESETS, ClusterSpec, DeviceSpec
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import MODEL_PRESETS, ModelSpec

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from modelpar import cli
+from modelpar.commands import cli
 from modelpar.runtime.grad_norm import WeightedRange, clip_factor, norm_ranges, weighted_square_sum
 from modelpar.runtime.lr_schedule import LearningRateSchedule
 from modelpar.runtime.tensor_parallel import ShardLayout, padded_chunk_layout, qkv_rows
 from modelpar.runtime.zero import AdamW, ZeroOneAdamW, decay_matrices
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
-from modelpar.train import TrainConfig, complete_plan, validate_training
-from modelpar.train_cli import add_train_arguments, optimizer_options_from_args
+from modelpar.training.trainer import TrainConfig, complete_plan, validate_training
+from modelpar.commands.train import add_train_arguments, optimizer_options_from_args
 
 
 def test_warmup_then_cosine_decay_to_the_floor():

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelpar.planner.pipeline import PipelineDeadlock, check_runtime_order, simulate
+from modelpar.schedules.simulate import PipelineDeadlock, check_runtime_order, simulate
 from modelpar.runtime import launch
-from modelpar.runtime.p2p import (ACTIVATION, GRADIENT, Exchange, Message, check_exchange_programs,
+from modelpar.schedules.p2p import (ACTIVATION, GRADIENT, Exchange, Message, check_exchange_programs,
                                   exchange_programs, lockstep_rounds)
 from modelpar.runtime.pipeline import P2P_ENV, Timeline, _CudaClock, resolve_p2p_mode
-from modelpar.runtime.schedules import Action, build_schedule, interleaved_one_f_one_b
+from modelpar.schedules.actions import Action, build_schedule, interleaved_one_f_one_b
 from modelpar.specs.errors import SpecError
 
 

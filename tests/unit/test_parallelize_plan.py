@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modelpar.models.gpt import init_gpt
-from modelpar.models.parallelize import check_tensor_parallel, tensor_parallel_plan
+from modelpar.models.gpt_parallel import check_tensor_parallel, tensor_parallel_plan
 from modelpar.runtime.tensor_parallel import ShardLayout, chunk_indices, kv_heads_of_rank, qkv_rows
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import MODEL_PRESETS

@@ -2,7 +2,7 @@
 
 import pytest
 
-from modelpar.planner.pipeline import (
+from modelpar.schedules.simulate import (
     PipelineDeadlock,
     PipelineSimulation,
     TimedAction,
@@ -13,7 +13,7 @@ from modelpar.planner.pipeline import (
     render_timeline,
     simulate,
 )
-from modelpar.runtime.schedules import Action, build_schedule, global_stage, gpipe, interleaved_one_f_one_b, one_f_one_b
+from modelpar.schedules.actions import Action, build_schedule, global_stage, gpipe, interleaved_one_f_one_b, one_f_one_b
 from modelpar.specs.errors import SpecError
 
 STAGES = range(1, 9)

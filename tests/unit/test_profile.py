@@ -7,19 +7,19 @@ from dataclasses import replace
 
 import pytest
 
-from modelpar.cli import main
+from modelpar.commands.cli import main
 from modelpar.planner import comm, compute
 from modelpar.planner.constants import KERNEL_OVERHEAD_S, NETWORK_EFFICIENCY
 from modelpar.planner.cost import data_parallel_work, estimate
-from modelpar.profile_fits import (REFERENCE_LAYERS, TENSOR_COLLECTIVES_PER_LAYER, TENSOR_REFERENCE_LAYERS,
+from modelpar.profiling.fits import (REFERENCE_LAYERS, TENSOR_COLLECTIVES_PER_LAYER, TENSOR_REFERENCE_LAYERS,
                                    TINY_REFERENCE_LAYER, build_cluster, dropped_elements, fit_bandwidth, fit_gemm,
                                    fit_layer_bandwidth, fit_layer_overheads,
                                    fit_link, fit_tensor_link, forward_backward_terms, reference_layer_spec,
                                    shared_host_profile)
-from modelpar.planner.pipeline import simulate
+from modelpar.schedules.simulate import simulate
 from modelpar.planner.shared_host import simulate_shared
-from modelpar.runtime import prediction
-from modelpar.runtime.schedules import build_schedule
+from modelpar.planner import prediction
+from modelpar.schedules.actions import build_schedule
 from modelpar.specs import CLUSTER_PRESETS, MODEL_PRESETS, ClusterSpec, ParallelPlan, SpecError, load_cluster
 from modelpar.specs.cluster import DeviceSpec, SharedHostProfile
 from modelpar.specs.local import load_local_cluster, local_profile_path, save_local_cluster

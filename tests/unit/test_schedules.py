@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from modelpar.runtime.schedules import (
+from modelpar.schedules.actions import (
     Action,
     build_schedule,
     global_stage,
@@ -151,7 +151,7 @@ def test_action_is_frozen_and_readable():
 
 def test_planner_modules_do_not_import_torch():
     code = (
-        "import sys, modelpar.runtime.schedules, modelpar.planner.pipeline; "
+        "import sys, modelpar.schedules.actions, modelpar.schedules.simulate; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

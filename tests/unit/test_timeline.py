@@ -11,7 +11,7 @@ import pytest
 
 from modelpar.planner import cost
 from modelpar.planner.memory import memory_per_device
-from modelpar.planner.pipeline import simulate
+from modelpar.schedules.simulate import simulate
 from modelpar.report.memory_plot import memory_png
 from modelpar.report.timeline import (
     TimelineEvent,
@@ -23,8 +23,8 @@ from modelpar.report.timeline import (
     timeline_bubble_fraction,
     write_chrome_trace,
 )
-from modelpar.runtime.schedules import build_schedule
-from modelpar.simulate import add_simulate_arguments, predict_schedule, simulate_command
+from modelpar.schedules.actions import build_schedule
+from modelpar.commands.simulate import add_simulate_arguments, predict_schedule, simulate_command
 from modelpar.specs import ParallelPlan, SpecError, load_cluster, load_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -246,7 +246,7 @@ def test_data_parallel_tail_follows_each_ranks_last_backward():
 
 
 def test_modules_import_without_torch_or_matplotlib():
-    code = ("import sys, modelpar.simulate, modelpar.report.timeline, modelpar.report.memory_plot; "
+    code = ("import sys, modelpar.commands.simulate, modelpar.report.timeline, modelpar.report.memory_plot; "
             "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from modelpar import cli
+from modelpar.commands import cli
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
-from modelpar.train import TrainConfig, complete_plan, validate_training
-from modelpar.train_cli import add_train_arguments, plan_from_args
+from modelpar.training.trainer import TrainConfig, complete_plan, validate_training
+from modelpar.commands.train import add_train_arguments, plan_from_args
 
 
 def _parse(*argv: str) -> argparse.Namespace:

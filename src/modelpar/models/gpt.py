@@ -3,7 +3,7 @@
 nanoGPT-sized and deliberately plain (Radford et al. 2019, GPT-2; Touvron et al. 2023 for the
 Llama variants): pre-norm transformer layers, explicit attention softmax(QK^T / sqrt(d) + causal)V,
 GELU or SwiGLU MLP, learned or rotary positions, tied or untied output head, mean cross-entropy.
-There is no parallel code here; `modelpar.models.parallelize` swaps tensor-parallel modules in.
+There is no parallel code here; `modelpar.models.gpt_parallel` swaps tensor-parallel modules in.
 
 Structure (the names are the state-dict keys every layout shares):
 
@@ -25,7 +25,7 @@ reproduces the same masks. With ``dropout_key=None`` dropout falls back to torch
 
 What a layer keeps for its backward pass is exactly what the planner's activation model counts
 (`modelpar.planner.memory.activation_terms`, Korthikanti et al. 2022 Sec. 4.1; measured by
-`modelpar.runtime.memory_probe`): 1-byte dropout masks, the softmax output once in the activation
+`modelpar.models.memory_probe`): 1-byte dropout masks, the softmax output once in the activation
 dtype (`causal_softmax`), K/V once per KV head, no view pinning the fused QKV buffer
 (`attention_inputs`), an RMSNorm that keeps only its input and 1/rms.
 """

@@ -55,11 +55,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from modelpar.planner import comm, compute, flops, pipeline, shared_host
+from modelpar.planner import comm, compute, flops, shared_host
+from modelpar.schedules import simulate as pipeline
 from modelpar.planner.constants import GRADIENT_BYTES, USABLE_MEMORY_FRACTION
 from modelpar.planner.memory import MemoryBreakdown, memory_per_device, stage_parameters
-from modelpar.planner.pipeline import bubble_fraction as simulated_bubble_fraction
-from modelpar.planner.pipeline import closed_form_bubble_fraction
+from modelpar.schedules.simulate import bubble_fraction as simulated_bubble_fraction
+from modelpar.schedules.simulate import closed_form_bubble_fraction
 from modelpar.specs.cluster import ClusterSpec
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import ModelSpec

@@ -219,7 +219,7 @@ def activation_terms(
     Q, K, V stay stored as its inputs): s b h (10 + 24/t) resp. 34 s b h / t. 'full' keeps only
     the layer input, {'layer_input': B s b h} (/ t with sequence parallelism).
 
-    What "stored" means (measured by `modelpar.runtime.memory_probe`): the bytes of the distinct
+    What "stored" means (measured by `modelpar.models.memory_probe`): the bytes of the distinct
     storages the autograd graph keeps alive from forward to backward, parameters excluded; a
     storage counts once, and whole. The runtime (`modelpar.models.gpt`, `runtime.tensor_parallel`)
     saves exactly these tensors: 1-byte bool dropout masks (also in fp32, so pass M = 1 there),

@@ -27,7 +27,7 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from modelpar.runtime.schedules import BACKWARD, FORWARD, Action, build_schedule, global_stage
+from modelpar.schedules.actions import BACKWARD, FORWARD, Action, build_schedule, global_stage
 
 WorkFn = Callable[[int, Action], float]
 

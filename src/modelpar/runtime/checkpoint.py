@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modelpar.models.parallelize import full_grads, full_state_dict, shard_layouts
+from modelpar.models.gpt_parallel import full_grads, full_state_dict, shard_layouts
 from modelpar.runtime.pipeline import PipelineChunk
 from modelpar.runtime.tensor_parallel import ShardLayout
 from modelpar.specs.errors import SpecError

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modelpar.runtime.prediction import COLLECTIVE_KIND, LAUNCH_KIND
-from modelpar.runtime.schedules import BACKWARD, FORWARD
+from modelpar.planner.prediction import COLLECTIVE_KIND, LAUNCH_KIND
+from modelpar.schedules.actions import BACKWARD, FORWARD
 
 TIMED_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_gather_into_tensor",
                      "reduce_scatter_tensor", "broadcast")
@@ -218,7 +218,7 @@ def model_state_bytes(modules: nn.Module, optimizer, reducers=()) -> dict[str, i
 def layer_activation_bytes(model, plan, dtype: str, ctx) -> float:
     """Saved-for-backward bytes of one layer and micro-batch as `plan` trains it
     (`runtime.memory_probe`; collective over the tensor group: every rank calls it)."""
-    from modelpar.runtime.memory_probe import measure_activation_bytes_per_layer
+    from modelpar.models.memory_probe import measure_activation_bytes_per_layer
 
     return measure_activation_bytes_per_layer(model, plan.micro_batch_size, plan.tensor_parallel,
                                               bool(plan.sequence_parallel) and plan.tensor_parallel > 1,

@@ -53,8 +53,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modelpar.runtime.p2p import ACTIVATION, GRADIENT, Exchange, check_exchange_programs, exchange_programs
-from modelpar.runtime.schedules import BACKWARD, FORWARD, Action, global_stage
+from modelpar.schedules.p2p import ACTIVATION, GRADIENT, Exchange, check_exchange_programs, exchange_programs
+from modelpar.schedules.actions import BACKWARD, FORWARD, Action, global_stage
 from modelpar.specs.errors import SpecError
 
 P2P_ENV = "MODELPAR_P2P"

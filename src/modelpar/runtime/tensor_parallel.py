@@ -9,7 +9,7 @@ become all-gather / reduce-scatter along the sequence.
 
 Every sharded parameter records a `ShardLayout` (which global indices along which dim each rank
 holds), so any layout can be gathered back into the serial state dict and re-sliced
-(`modelpar.models.parallelize`). Layers are built from the serial modules by slicing their weights.
+(`modelpar.models.gpt_parallel`). Layers are built from the serial modules by slicing their weights.
 
 Vocabulary padding (Megatron-LM's ``--make-vocab-size-divisible-by``): a vocabulary V that t does
 not divide is padded to t ceil(V / t) rows (`padded_chunk_layout`). The padding rows of the

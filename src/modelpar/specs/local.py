@@ -1,6 +1,6 @@
 """The profiled local machine as a cluster spec: `--cluster local`.
 
-`modelpar profile` measures this machine (`modelpar.profile`) and caches the result as an
+`modelpar profile` measures this machine (`modelpar.profiling.measure`) and caches the result as an
 ordinary ClusterSpec JSON file, loadable like any other (`--cluster PATH`):
 
     $MODELPAR_CACHE/local_cluster.json        when MODELPAR_CACHE is set (a directory)

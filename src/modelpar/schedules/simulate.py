@@ -1,7 +1,7 @@
 """Event-driven simulation of pipeline schedules: makespan, bubbles, in-flight activations, deadlock.
 
 The simulator runs the very action lists that the runtime executes
-(`modelpar.runtime.schedules.build_schedule`): each rank executes its list strictly in order; an
+(`modelpar.schedules.actions.build_schedule`): each rank executes its list strictly in order; an
 action starts once its rank is free and its dependencies are done, plus `p2p_time` for a
 dependency computed on another rank (a list scheduler, Graham 1966, with the data dependencies
 of Huang et al. 2019 / Narayanan et al. 2021):
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate, chain
 from typing import Callable, Sequence, Union
 
-from modelpar.runtime.schedules import Action, build_schedule, global_stage
+from modelpar.schedules.actions import Action, build_schedule, global_stage
 from modelpar.specs.errors import SpecError
 
 Duration = Union[float, Callable[[int, Action], float]]

@@ -1,7 +1,7 @@
 """The pure half of `modelpar profile`: the fits that turn timings into a device and links, and
 the cluster spec assembled from them.
 
-Each fit takes what the spawned ranks measured (`modelpar.profile`) and returns the parameters of
+Each fit takes what the spawned ranks measured (`modelpar.profiling.measure`) and returns the parameters of
 the cost model's own formulas (`planner.compute`, `planner.comm`), so the planner predicts the
 measured machine with the same equations it uses for GPUs. No torch here: tests feed the fits
 synthetic timings made with those formulas and check that they recover the parameters.

@@ -167,7 +167,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 # --- train --------------------------------------------------------------------------------------
 
 def _add_train(subparsers) -> None:
-    from modelpar.train_cli import add_train_arguments
+    from modelpar.commands.train import add_train_arguments
 
     parser = subparsers.add_parser("train", help="run real training on torch.distributed")
     add_train_arguments(parser)
@@ -175,7 +175,7 @@ def _add_train(subparsers) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from modelpar.train_cli import train_command
+    from modelpar.commands.train import train_command
 
     return train_command(args)
 
@@ -183,7 +183,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # --- simulate -----------------------------------------------------------------------------------
 
 def _add_simulate(subparsers) -> None:
-    from modelpar.simulate import add_simulate_arguments
+    from modelpar.commands.simulate import add_simulate_arguments
 
     parser = subparsers.add_parser("simulate", help="draw a plan's pipeline schedule without running it")
     add_simulate_arguments(parser)
@@ -191,7 +191,7 @@ def _add_simulate(subparsers) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from modelpar.simulate import simulate_command
+    from modelpar.commands.simulate import simulate_command
 
     return simulate_command(args)
 
@@ -199,7 +199,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 # --- profile ------------------------------------------------------------------------------------
 
 def _add_profile(subparsers) -> None:
-    from modelpar.profile import add_profile_arguments
+    from modelpar.profiling.measure import add_profile_arguments
 
     parser = subparsers.add_parser("profile", help="measure this machine as a cluster spec (--cluster local)")
     add_profile_arguments(parser)
@@ -207,7 +207,7 @@ def _add_profile(subparsers) -> None:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from modelpar.profile import profile_command
+    from modelpar.profiling.measure import profile_command
 
     return profile_command(args)
 
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--json", action="store_true", help="print one JSON document")
     val.set_defaults(func=cmd_validate)
 
-    _add_train(subparsers)  # modelpar.train(_cli) import torch only inside their functions
+    _add_train(subparsers)  # modelpar.training.trainer(_cli) import torch only inside their functions
     _add_simulate(subparsers)
     _add_profile(subparsers)
     return parser

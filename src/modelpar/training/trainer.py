@@ -20,7 +20,7 @@ A run resumed from a checkpoint (`runtime.checkpoint`: weights, AdamW state, ste
 layout) continues at the saved step: batches, dropout keys and the learning rate follow it.
 
 This module imports torch only inside functions, so `modelpar --help` and `modelpar plan` start fast.
-The command line (`modelpar train`, contract in DESIGN.md) is `modelpar.train_cli`.
+The command line (`modelpar train`, contract in DESIGN.md) is `modelpar.commands.train`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from modelpar.runtime.prediction import try_predict
+from modelpar.planner.prediction import try_predict
 from modelpar.specs import ModelSpec, ParallelPlan, SpecError
 
 DEFAULT_STEPS = 20
@@ -101,11 +101,11 @@ def complete_plan(plan: ParallelPlan) -> ParallelPlan:
 
 def validate_training(config: TrainConfig) -> None:
     """Everything that can be checked before a rank starts; raises SpecError (one line)."""
-    from modelpar.data import make_token_source
-    from modelpar.models.parallelize import check_tensor_parallel
+    from modelpar.training.data import make_token_source
+    from modelpar.models.gpt_parallel import check_tensor_parallel
     from modelpar.runtime.checkpoint import read_checkpoint_for
     from modelpar.runtime.precision import PrecisionPolicy
-    from modelpar.runtime.schedules import build_schedule
+    from modelpar.schedules.actions import build_schedule
 
     plan, model = config.plan, config.model
     plan.check(model, plan.world_size)
@@ -149,16 +149,16 @@ class RankTrainer:
         import torch.distributed as dist
         from torch import nn
 
-        from modelpar.data import make_token_source
+        from modelpar.training.data import make_token_source
         from modelpar.models.gpt import init_gpt
-        from modelpar.models.parallelize import parallelize
+        from modelpar.models.gpt_parallel import parallelize
         from modelpar.runtime.checkpoint import Checkpoint
         from modelpar.runtime.data_parallel import GradientReducer
         from modelpar.runtime.pipeline import (PipelineExecutor, PipelineTopology, Timeline, build_chunks,
                                                tied_parameters)
         from modelpar.runtime.precision import MainGradients, PrecisionPolicy
         from modelpar.runtime.recompute import apply_recompute
-        from modelpar.runtime.schedules import build_schedule
+        from modelpar.schedules.actions import build_schedule
         from modelpar.runtime.zero import AdamW, ZeroOneAdamW, decay_everything, decay_matrices
 
         self.config, self.ctx = config, ctx
@@ -228,7 +228,7 @@ class RankTrainer:
         """Counting weights of this rank's gradient elements in the global norm (`runtime.grad_norm`),
         and the group that sums them: the world under ZeRO-1 (disjoint shards), else the model group
         (the data replicas hold the same averaged gradients)."""
-        from modelpar.models.parallelize import shard_layouts_by_parameter
+        from modelpar.models.gpt_parallel import shard_layouts_by_parameter
         from modelpar.runtime.grad_norm import norm_ranges
 
         counted_elsewhere = self.tied_params if self.ctx.pipeline_rank != 0 else []  # the last stage's copy
@@ -259,9 +259,9 @@ class RankTrainer:
         import torch
         import torch.distributed as dist
 
-        from modelpar.data import micro_batches
+        from modelpar.training.data import micro_batches
         from modelpar.models.gpt import DropoutKey
-        from modelpar.models.parallelize import sync_tensor_parallel_grads
+        from modelpar.models.gpt_parallel import sync_tensor_parallel_grads
         from modelpar.runtime.data_parallel import all_reduce_gradients
 
         if self.config.crash_rank == self.ctx.rank and step == self.start_step + 1:
@@ -538,9 +538,9 @@ def summarise(config: TrainConfig, rank_results: list[dict], peak_tflops: float,
     `predicted` with the same keys (`runtime.prediction.COMPARED_KEYS`, tokens/s, MFU) and
     `relative_error`. Step time: the slowest rank's median over the steps after the first
     (which includes warm-up)."""
-    from modelpar.data import make_token_source
+    from modelpar.training.data import make_token_source
     from modelpar.planner.flops import hfu, mfu
-    from modelpar.runtime.prediction import (COMPARED_KEYS, measured_times, rank_step_breakdowns, rank_summary,
+    from modelpar.planner.prediction import (COMPARED_KEYS, measured_times, rank_step_breakdowns, rank_summary,
                                              relative_errors)
 
     plan, model = config.plan, config.model
@@ -594,8 +594,8 @@ def optimizer_summary(config: TrainConfig, start_step: int = 0) -> dict:
             "decay_norms_and_biases": config.decay_norms_and_biases, "clip_grad": config.clip_grad}
 
 
-if __name__ == "__main__":  # `python -m modelpar.train ...`: the command line
-    from modelpar.train_cli import main
+if __name__ == "__main__":  # `python -m modelpar.training.trainer ...`: the command line
+    from modelpar.commands.train import main
 
     sys.exit(main())
 

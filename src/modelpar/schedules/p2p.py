@@ -39,8 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
-from modelpar.planner.pipeline import PipelineDeadlock
-from modelpar.runtime.schedules import BACKWARD, FORWARD, Action, global_stage
+from modelpar.schedules.simulate import PipelineDeadlock
+from modelpar.schedules.actions import BACKWARD, FORWARD, Action, global_stage
 
 ACTIVATION, GRADIENT = "activation", "gradient"
 

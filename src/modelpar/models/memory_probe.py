@@ -121,7 +121,7 @@ def build_probe_layer(model_spec: ModelSpec, tensor_parallel: int = 1, sequence_
     with torch.random.fork_rng(devices=[]):  # default init; the values do not change the bytes saved
         container = _OneLayer(model_spec)
     if tensor_parallel > 1:
-        from modelpar.models.parallelize import parallelize  # needs torch.distributed
+        from modelpar.models.gpt_parallel import parallelize  # needs torch.distributed
 
         parallelize(container, ctx, sequence_parallel)
     device = ctx.device if ctx is not None else torch.device("cpu")

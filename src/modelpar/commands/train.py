@@ -1,8 +1,8 @@
 """`modelpar train` on the command line (contract in DESIGN.md): the flags (`add_train_arguments`),
 the command (`train_command`: parse the plan, call `train.run_training`, print), and the human
-summary, pictures and trace of a run. The training itself is `modelpar.train`.
+summary, pictures and trace of a run. The training itself is `modelpar.training.trainer`.
 
-Like `modelpar.train`, this module imports torch only inside functions, so `modelpar --help` starts fast.
+Like `modelpar.training.trainer`, this module imports torch only inside functions, so `modelpar --help` starts fast.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import json
 import sys
 
 from modelpar.specs import ParallelPlan, SpecError, load_cluster, load_model, load_plan
-from modelpar.train import (DEFAULT_CLIP_GRAD, DEFAULT_LEARNING_RATE, DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY,
+from modelpar.training.trainer import (DEFAULT_CLIP_GRAD, DEFAULT_LEARNING_RATE, DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY,
                             complete_plan, run_training)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The `modelpar train` flags (DESIGN.md contract). Plan flags override a --plan file's fields;
     anything left unset takes the runtime default (`train.complete_plan`)."""
-    from modelpar.cli import _positive_int  # the CLI's argument types; cli imports this module lazily
+    from modelpar.commands.cli import _positive_int  # the CLI's argument types; cli imports this module lazily
 
     parser.add_argument("--model", required=True, help="model preset name or JSON file (e.g. gpt-tiny)")
     parser.add_argument("--plan", help="plan JSON file (a `modelpar plan --json` document works too)")
@@ -131,7 +131,7 @@ def write_pictures(summary: dict, model, plan: ParallelPlan, cluster, png: str |
             except SpecError:
                 cluster = None
         if cluster is not None:
-            from modelpar.simulate import predict_schedule
+            from modelpar.commands.simulate import predict_schedule
 
             predicted = predict_schedule(model, cluster, plan).events
         if predicted:
@@ -147,7 +147,7 @@ def print_summary(summary: dict) -> None:
     communication, bubble), memory and throughput, with the relative error of each."""
     from rich.console import Console
 
-    from modelpar.runtime.prediction import print_comparison
+    from modelpar.planner.prediction import print_comparison
 
     plan = summary["plan"]
     console = Console()
@@ -171,7 +171,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m modelpar.train ...` (same flags as `modelpar train`)."""
+    """`python -m modelpar.training.trainer ...` (same flags as `modelpar train`)."""
     parser = argparse.ArgumentParser(prog="modelpar train")
     add_train_arguments(parser)
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """`modelpar profile`: measure this machine as a cluster spec, so the planner can predict it.
 
 This module measures (inside spawned ranks); the fits and the assembled ClusterSpec are in
-`modelpar.profile_fits` (pure, tested without processes).
+`modelpar.profiling.fits` (pure, tested without processes).
 
 The cost model (`planner.compute`, `planner.comm`) was built for GPUs running fused kernels and
 its global constants were fitted on them. A CPU running this project's eager PyTorch runtime over
@@ -86,7 +86,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from modelpar.profile_fits import (GPU_REFERENCE_LAYERS, REFERENCE_LAYERS, TENSOR_REFERENCE_LAYERS,
+from modelpar.profiling.fits import (GPU_REFERENCE_LAYERS, REFERENCE_LAYERS, TENSOR_REFERENCE_LAYERS,
                                    TINY_REFERENCE_LAYER, VALUE_BYTES,
                                    build_cluster, cpu_model_name, forward_backward_terms, host_facts,
                                    reference_layer_spec, shared_host_profile)

@@ -89,9 +89,9 @@ def predict_schedule(
 ) -> PredictedSchedule:
     """Simulate one step of a complete `plan` (raises SpecError if it cannot run)."""
     from modelpar.planner.cost import estimate
-    from modelpar.planner.pipeline import simulate
+    from modelpar.schedules.simulate import simulate
     from modelpar.report.timeline import TimelineEvent, events_from_simulation
-    from modelpar.runtime.schedules import build_schedule
+    from modelpar.schedules.actions import build_schedule
 
     num_devices = num_devices or plan.world_size
     step_estimate = estimate(model, cluster, num_devices, plan)
@@ -188,7 +188,7 @@ def simulate_command(args: argparse.Namespace) -> int:
 def _complete(plan: ParallelPlan, devices: int | None) -> ParallelPlan:
     """Unset plan fields get the runtime's defaults (`train.complete_plan`), what `modelpar train
     --plan` would run; with --devices, d = N / (t p) when the plan leaves it unset."""
-    from modelpar.train import complete_plan
+    from modelpar.training.trainer import complete_plan
 
     if devices is not None and devices < 1:
         raise SpecError(f"--devices must be a positive integer, got {devices}")

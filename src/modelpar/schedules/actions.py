@@ -2,7 +2,7 @@
 
 A schedule is a pure function of (stages p, micro-batches m, chunks per rank v). The runtime
 interprets the lists (receive inputs, compute, send outputs) and the planner simulates the very
-same lists (`modelpar.planner.pipeline.simulate`) to measure bubbles, peak in-flight activations
+same lists (`modelpar.schedules.simulate.simulate`) to measure bubbles, peak in-flight activations
 and to prove that the order cannot deadlock. Nothing here imports torch.
 
 Layout of the model: there are p * v global stages; rank r holds the chunks c = 0..v-1 whose
@@ -12,7 +12,7 @@ Dependencies (what the runtime receives): F(g, i) needs the activation of F(g - 
 B(g, i) needs F(g, i) on its own rank and the gradient of B(g + 1, i); the last stage's B
 needs only its own F (the loss is computed there).
 
-Each schedule's docstring draws a small case as `modelpar.planner.pipeline.render_timeline`
+Each schedule's docstring draws a small case as `modelpar.schedules.simulate.render_timeline`
 simulates it (forward = backward = one time slot, no p2p time; a test keeps them in sync):
 ``F3`` / ``B3`` is the forward / backward of micro-batch 3; with several chunks a letter names
 the chunk (``F3a`` chunk 0, ``F3b`` chunk 1); ``.`` is an idle slot.
