@@ -246,7 +246,8 @@ def pipeline_worker(rank: int, world_size: int, config: BenchConfig) -> dict:
     from modelpar.training.data import Batch
     from modelpar.models.gpt import init_gpt
     from modelpar.runtime.mesh import ParallelContext, ParallelDims
-    from modelpar.runtime.pipeline import PipelineExecutor, PipelineTopology, Timeline, build_chunks, stage_layer_ranges
+    from modelpar.runtime.pipeline import PipelineExecutor, PipelineTopology, build_chunks, stage_layer_ranges
+    from modelpar.runtime.timeline import Timeline
     from modelpar.schedules.actions import build_schedule
 
     spec, p, m, b = config.model, config.pipeline_stages, config.num_micro_batches, config.micro_batch_size

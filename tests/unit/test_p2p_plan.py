@@ -11,7 +11,8 @@ from modelpar.schedules.simulate import PipelineDeadlock, check_runtime_order, s
 from modelpar.runtime import launch
 from modelpar.schedules.p2p import (ACTIVATION, GRADIENT, Exchange, Message, check_exchange_programs,
                                   exchange_programs, lockstep_rounds)
-from modelpar.runtime.pipeline import P2P_ENV, Timeline, _CudaClock, resolve_p2p_mode
+from modelpar.runtime.pipeline import P2P_ENV, resolve_p2p_mode
+from modelpar.runtime.timeline import Timeline, _CudaClock
 from modelpar.schedules.actions import Action, build_schedule, interleaved_one_f_one_b
 from modelpar.specs.errors import SpecError
 
@@ -150,7 +151,7 @@ def test_cuda_timeline_spans_map_event_times_onto_perf_counter(monkeypatch):
     synchronised = []
     timeline = Timeline()
     timeline.clock = _CudaClock("cuda", event_factory=_FakeEvent, synchronize=lambda: synchronised.append(1))
-    monkeypatch.setattr("modelpar.runtime.pipeline.time.perf_counter", lambda: 100.0)
+    monkeypatch.setattr("modelpar.runtime.timeline.time.perf_counter", lambda: 100.0)
     _FakeEvent.now_ms = 5.0
     with timeline.span("F(chunk 0, micro-batch 0)", "compute"):
         _FakeEvent.now_ms = 9.0  # the kernels of the span take 4 ms of GPU time

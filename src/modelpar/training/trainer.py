@@ -154,7 +154,8 @@ class RankTrainer:
         from modelpar.models.gpt_parallel import parallelize
         from modelpar.runtime.checkpoint import Checkpoint
         from modelpar.runtime.data_parallel import GradientReducer
-        from modelpar.runtime.pipeline import (PipelineExecutor, PipelineTopology, Timeline, build_chunks,
+        from modelpar.runtime.timeline import Timeline
+        from modelpar.runtime.pipeline import (PipelineExecutor, PipelineTopology, build_chunks,
                                                tied_parameters)
         from modelpar.runtime.precision import MainGradients, PrecisionPolicy
         from modelpar.runtime.recompute import apply_recompute
