@@ -12,7 +12,8 @@ from modelpar.models.gpt import init_gpt
 from modelpar.runtime.checkpoint import FORMAT, Checkpoint, read_checkpoint, read_checkpoint_for
 from modelpar.runtime.zero import AdamW, OptimizerState, ZeroOneAdamW, decay_matrices
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
-from modelpar.training.trainer import TrainConfig, complete_plan, validate_training
+from modelpar.specs.plan import complete_plan
+from modelpar.training.trainer import TrainConfig, validate_training
 
 SPEC = dataclasses.replace(MODEL_PRESETS["gpt-tiny"], num_layers=2)
 

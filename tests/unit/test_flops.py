@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from modelpar.planner import flops
+from modelpar.planner.validate import default_runs_path
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import MODEL_PRESETS, ModelSpec
 
-RUNS_FILE = Path("/work/shared/validation/published_runs.json")
+RUNS_FILE = default_runs_path()  # shipped inside the package: the tests that read it never skip
 PEAK_TFLOPS = {"dgx-a100-80gb": 312.0, "dgx-h100": 989.0, "tpu-v4": 275.0}
 
 
@@ -62,9 +62,6 @@ def spec_of(run: dict) -> ModelSpec:
         vocab_size=model["vocab_size"], seq_length=model["seq_length"], num_query_groups=model["num_query_groups"],
         activation=model["activation"],
     )
-
-
-needs_runs = pytest.mark.skipif(not RUNS_FILE.exists(), reason="validation file not present")
 
 
 # --- closed forms ------------------------------------------------------------------------------
@@ -118,7 +115,6 @@ def test_megatron_num_floating_point_operations_gqa_swiglu():
 # --- Narayanan et al. 2021 Table 1 -------------------------------------------------------------
 
 
-@needs_runs
 def test_narayanan_table1_step_times_from_eq3():
     runs = published_runs("narayanan21_")
     assert len(runs) == 10
@@ -147,7 +143,6 @@ def test_preset_parameter_counts_match_papers(name, billions):
     assert MODEL_PRESETS[name].num_parameters() / 1e9 == pytest.approx(billions, rel=0.01)
 
 
-@needs_runs
 def test_narayanan_table1_parameter_counts():
     for run in published_runs("narayanan21_"):
         label = run["name"].rsplit("_", 1)[1].rstrip("B")  # e.g. "145.6"
@@ -162,7 +157,6 @@ def test_narayanan_table1_parameter_counts():
 # --- Korthikanti et al. 2022 Table 5 -----------------------------------------------------------
 
 
-@needs_runs
 def test_korthikanti_table5_mfu():
     runs = [run for run in published_runs("korthikanti22_") if run["measured"]["mfu"] is not None]
     assert len(runs) >= 5
@@ -237,7 +231,6 @@ def test_mt_nlg_mfu_palm_appendix_b_and_reported_tflops():
     assert tflops == pytest.approx(126, rel=0.01)
 
 
-@needs_runs
 def test_megatron_readme_h100_rows():
     runs = published_runs("megatron_readme_h100_")
     assert len(runs) == 9

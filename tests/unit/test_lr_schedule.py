@@ -15,8 +15,9 @@ from modelpar.runtime.lr_schedule import LearningRateSchedule
 from modelpar.runtime.tensor_parallel import ShardLayout, padded_chunk_layout, qkv_rows
 from modelpar.runtime.zero import AdamW, ZeroOneAdamW, decay_matrices
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
-from modelpar.training.trainer import TrainConfig, complete_plan, validate_training
-from modelpar.commands.train import add_train_arguments, optimizer_options_from_args
+from modelpar.specs.plan import complete_plan
+from modelpar.training.trainer import TrainConfig, validate_training
+from modelpar.commands.train import add_arguments as add_train_arguments, optimizer_options_from_args
 
 
 def test_warmup_then_cosine_decay_to_the_floor():

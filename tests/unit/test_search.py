@@ -9,20 +9,14 @@ import pytest
 from modelpar.planner import search as search_module
 from modelpar.planner.cost import estimate, pipeline_profile, usable_memory_bytes
 from modelpar.planner.memory import memory_per_device
-from modelpar.planner.search import (
-    REASON_INTERLEAVED_M,
-    REASON_MEMORY,
-    REASON_PP_LAYERS,
-    REASON_TP_HEADS,
-    REASON_TP_NODE,
-    describe_plan,
-    explain_losers,
-    explain_rejections,
-    search,
-)
+from modelpar.planner.search import REASON_MEMORY, explain_losers, explain_rejections, search
 from modelpar.specs.cluster import CLUSTER_PRESETS
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import MODEL_PRESETS, ModelSpec
+from modelpar.specs.plan import INTERLEAVED_M as REASON_INTERLEAVED_M
+from modelpar.specs.plan import PP_LAYERS as REASON_PP_LAYERS
+from modelpar.specs.plan import TP_HEADS as REASON_TP_HEADS
+from modelpar.specs.plan import TP_NODE as REASON_TP_NODE
 from modelpar.specs.plan import ParallelPlan
 
 DGX = CLUSTER_PRESETS["dgx-a100-80gb"]
@@ -127,7 +121,7 @@ def test_fast_memory_total_equals_memory_per_device():
         fast = search_module._memory_total(model, t, p, v, b, sp, schedule, in_flight, per_layer, working,
                                            states.by_zero[zero], states.ranks)
         real = memory_per_device(model, plan, usable_memory_bytes(DGX), in_flight).total
-        assert fast == pytest.approx(real, rel=1e-12), describe_plan(plan)
+        assert fast == pytest.approx(real, rel=1e-12), plan.describe()
 
 
 def test_global_batch_is_required_and_consistent():

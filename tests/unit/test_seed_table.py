@@ -3,7 +3,7 @@
 For each seed model on its published hardware and device count: `modelpar plan` returns the
 published configuration or one predicted faster, and the published configuration's predicted
 MFU is compared with the published figure (target: within 5 points). The table is printed
-(`pytest -s tests/unit/test_seed_table.py`); the rows that miss the target are strict xfails,
+(`pytest -s tests/unit/test_seed_table.py`, or `-rA`); the rows that miss the target are strict xfails,
 so they turn red the day the model gets them right.
 
 Published configurations and figures (model FLOPs utilisation, Korthikanti et al. 2022 eq. 7):
@@ -50,7 +50,7 @@ def _row(model_name, cluster_name, devices, published):
     return predicted, best
 
 
-def test_print_seed_table(capsys):
+def test_print_seed_table():
     lines = [f"{'model':<15}{'devices':>8}  {'published plan':<32}{'pub. MFU':>9}{'pred. MFU':>10}  best plan (pred. MFU)"]
     for model_name, cluster_name, devices, published, mfu, _ in SEED_TABLE:
         predicted, best = _row(model_name, cluster_name, devices, published)
@@ -61,8 +61,7 @@ def test_print_seed_table(capsys):
             f"t{b.tensor_parallel} p{b.pipeline_parallel} d{b.data_parallel} v{b.virtual_stages} b{b.micro_batch_size} "
             f"{b.schedule} {b.recompute} SP={b.sequence_parallel} ZeRO-{b.zero_stage} ({best.mfu:.1%})"
         )
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    print("\n" + "\n".join(lines))  # captured: shown with `pytest -s` or `-rA`, silent under `-q`
 
 
 @pytest.mark.parametrize("row", SEED_TABLE, ids=[r[0] for r in SEED_TABLE])

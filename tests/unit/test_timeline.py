@@ -24,7 +24,9 @@ from modelpar.report.timeline import (
     write_chrome_trace,
 )
 from modelpar.schedules.actions import build_schedule
-from modelpar.commands.simulate import add_simulate_arguments, predict_schedule, simulate_command
+from modelpar.commands.simulate import add_arguments as add_simulate_arguments
+from modelpar.commands.simulate import predict_schedule
+from modelpar.commands.simulate import run as simulate_command
 from modelpar.specs import ParallelPlan, SpecError, load_cluster, load_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -10,8 +10,10 @@ import pytest
 
 from modelpar.commands import cli
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
-from modelpar.training.trainer import TrainConfig, complete_plan, validate_training
-from modelpar.commands.train import add_train_arguments, plan_from_args
+from modelpar.specs.plan import complete_plan
+from modelpar.training.trainer import TrainConfig, validate_training
+from modelpar.commands.train import add_arguments as add_train_arguments
+from modelpar.commands.train import train_plan as plan_from_args
 
 
 def _parse(*argv: str) -> argparse.Namespace:

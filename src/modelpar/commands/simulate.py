@@ -35,7 +35,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelpar.specs import ClusterSpec, ModelSpec, ParallelPlan, SpecError
+from modelpar.commands import flags
+from modelpar.report.timeline import gantt_png, write_chrome_trace
+from modelpar.specs import ClusterSpec, ModelSpec, ParallelPlan, SpecError, load_plan
+from modelpar.specs.plan import COMPLETION_DEFAULTS, complete_plan
 
 
 @dataclass(frozen=True)
@@ -120,61 +123,37 @@ def predict_schedule(
     return PredictedSchedule(plan, times, simulation, tuple(events), step_end - step_start, step_estimate)
 
 
-def describe_plan(plan: ParallelPlan) -> str:
-    """'t2 p4 d1 v2, interleaved, m=8, b=1' plus sequence parallel / recompute / ZeRO when set."""
-    text = f"t{plan.tensor_parallel} p{plan.pipeline_parallel} d{plan.data_parallel}"
-    if plan.virtual_stages and plan.virtual_stages > 1:
-        text += f" v{plan.virtual_stages}"
-    text += f", {plan.schedule}, m={plan.num_micro_batches}, b={plan.micro_batch_size}"
-    extras = []
-    if plan.sequence_parallel and plan.tensor_parallel > 1:
-        extras.append("SP")
-    if plan.recompute and plan.recompute != "none":
-        extras.append(f"recompute {plan.recompute}")
-    if plan.zero_stage:
-        extras.append(f"ZeRO-{plan.zero_stage}")
-    return text + (", " + ", ".join(extras) if extras else "")
-
-
 # --- command line ---------------------------------------------------------------------------------
 
 
-def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `modelpar simulate`."""
-    parser.add_argument("--plan", required=True, help="plan JSON file (a `modelpar plan --json` document works too)")
+    parser.add_argument("--plan", required=True, help="plan JSON file (a `modelpar plan --json` document works too); "
+                                                      f"unset fields: {COMPLETION_DEFAULTS}")
     parser.add_argument("--model", required=True, help="model preset name or JSON file")
-    parser.add_argument("--cluster", required=True, help="cluster preset name or JSON file")
-    parser.add_argument("--devices", type=int, help="number of devices N (default: the plan's t x p x d)")
+    parser.add_argument("--cluster", required=True, help="cluster preset name, 'local', or JSON file")
+    parser.add_argument("--devices", type=flags.positive_int, help="number of devices N (default: the plan's t x p x d)")
     parser.add_argument("--png", help="write the Gantt chart of the step to this PNG file")
     parser.add_argument("--trace", help="write a Chrome trace (open in ui.perfetto.dev) to this JSON file")
     parser.add_argument("--memory-png", help="write the memory per pipeline stage to this PNG file")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
-def simulate_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run `modelpar simulate`; returns the exit code (bad input raises SpecError)."""
-    from modelpar.specs import load_cluster, load_model, load_plan
-
-    model = load_model(args.model)
-    cluster = load_cluster(args.cluster)
-    plan = _complete(load_plan(args.plan), args.devices)
+    plan = complete_plan(load_plan(args.plan), args.devices)
     num_devices = args.devices or plan.world_size
-    if cluster.num_devices is not None and num_devices > cluster.num_devices:
-        raise SpecError(f"--devices {num_devices} exceeds the {cluster.num_devices} devices of cluster '{cluster.name}'")
+    model, cluster = flags.load_model_and_cluster(args, num_devices)
     plan.check(model, num_devices)
     predicted = predict_schedule(model, cluster, plan, num_devices)
-    title = f"{model.name} on {cluster.name}: {describe_plan(plan)}"
+    title = f"{model.name} on {cluster.name}: {plan.describe()}"
     outputs = {"png": None, "trace": None, "memory_png": None}
     if args.png:
-        from modelpar.report.timeline import gantt_png
-
         outputs["png"] = str(gantt_png(predicted.events, args.png, title=f"predicted step, {title}",
                                        row_name="pipeline rank"))
     if args.trace:
-        from modelpar.report.timeline import write_chrome_trace
-
         outputs["trace"] = str(write_chrome_trace(predicted.events, args.trace, row_name="pipeline rank"))
-    if getattr(args, "memory_png", None):
+    if args.memory_png:
         outputs["memory_png"] = str(_memory_png(model, cluster, plan, predicted, args.memory_png, title))
     document = _summary(predicted, outputs)
     if args.json:
@@ -185,30 +164,19 @@ def simulate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _complete(plan: ParallelPlan, devices: int | None) -> ParallelPlan:
-    """Unset plan fields get the runtime's defaults (`train.complete_plan`), what `modelpar train
-    --plan` would run; with --devices, d = N / (t p) when the plan leaves it unset."""
-    from modelpar.training.trainer import complete_plan
-
-    if devices is not None and devices < 1:
-        raise SpecError(f"--devices must be a positive integer, got {devices}")
-    if devices and plan.data_parallel is None:
-        model_parallel = (plan.tensor_parallel or 1) * (plan.pipeline_parallel or 1)
-        if devices % model_parallel:
-            raise SpecError(f"--devices {devices} is not a multiple of tensor x pipeline = {model_parallel}")
-        plan = plan.with_(data_parallel=devices // model_parallel)
-    return complete_plan(plan)
-
-
 def _memory_png(model, cluster, plan, predicted: PredictedSchedule, path: str, title: str) -> Path:
+    from modelpar.planner.cost import usable_memory_bytes
     from modelpar.planner.memory import memory_per_device
     from modelpar.report.memory_plot import memory_png
 
+    # the limit `estimate` checks: the usable share of the device as a plan of this size sees it
+    sized = cluster.for_world_size(plan.world_size)
     in_flight = tuple(max(1, k) for k in predicted.simulation.peak_in_flight)
-    breakdowns = [memory_per_device(model, plan, cluster.device.memory_bytes, in_flight, stage=rank)
+    breakdowns = [memory_per_device(model, plan, usable_memory_bytes(sized), in_flight, stage=rank)
                   for rank in range(plan.pipeline_parallel)]
     return memory_png(breakdowns, path, title=f"memory per device, {title}",
-                      stage_labels=[f"rank {rank}" for rank in range(plan.pipeline_parallel)])
+                      stage_labels=[f"rank {rank}" for rank in range(plan.pipeline_parallel)],
+                      device_bytes=sized.device.memory_bytes)
 
 
 def _summary(predicted: PredictedSchedule, outputs: dict) -> dict:

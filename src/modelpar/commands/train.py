@@ -1,8 +1,7 @@
-"""`modelpar train` on the command line (contract in DESIGN.md): the flags (`add_train_arguments`),
-the command (`train_command`: parse the plan, call `train.run_training`, print), and the human
-summary, pictures and trace of a run. The training itself is `modelpar.training.trainer`.
-
-Like `modelpar.training.trainer`, this module imports torch only inside functions, so `modelpar --help` starts fast.
+"""`modelpar train` on the command line (contract in DESIGN.md): the flags (`add_arguments`), the
+command (`run`: complete the plan, call `run_training`, print), and the human summary, pictures and
+trace of a run. The training itself is `modelpar.training`, which imports torch only inside
+functions, so `modelpar --help` starts fast.
 """
 
 from __future__ import annotations
@@ -11,33 +10,25 @@ import argparse
 import json
 import sys
 
+from modelpar.commands import flags
 from modelpar.specs import ParallelPlan, SpecError, load_cluster, load_model, load_plan
+from modelpar.specs.plan import RUNTIME_ZERO_STAGES, complete_plan
 from modelpar.training.trainer import (DEFAULT_CLIP_GRAD, DEFAULT_LEARNING_RATE, DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY,
-                            complete_plan, run_training)
+                                       run_training)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `modelpar train` flags (DESIGN.md contract). Plan flags override a --plan file's fields;
-    anything left unset takes the runtime default (`train.complete_plan`)."""
-    from modelpar.commands.cli import _positive_int  # the CLI's argument types; cli imports this module lazily
-
+    anything left unset takes the defaults of `specs.plan.complete_plan`."""
     parser.add_argument("--model", required=True, help="model preset name or JSON file (e.g. gpt-tiny)")
     parser.add_argument("--plan", help="plan JSON file (a `modelpar plan --json` document works too)")
-    group = parser.add_argument_group("plan (override --plan; defaults: 1 x 1 x 1, 1f1b, b=2, m=2p)")
-    group.add_argument("--tensor-parallel", type=_positive_int, help="tensor-parallel degree t")
-    group.add_argument("--pipeline-parallel", type=_positive_int, help="pipeline stages p")
-    group.add_argument("--data-parallel", type=_positive_int, help="data-parallel replicas d")
-    group.add_argument("--virtual-stages", type=_positive_int, help="chunks per pipeline rank v (interleaved)")
-    group.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"])
-    group.add_argument("--micro-batch-size", type=_positive_int, help="sequences per micro-batch b")
-    group.add_argument("--global-batch-size", type=_positive_int, help="sequences per step B")
-    group.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
-                       help="Megatron sequence parallelism (needs t > 1 to matter)")
-    group.add_argument("--recompute", choices=["none", "selective", "full"])
-    group.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="0 or 1 (ZeRO-1) in the runtime")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS)
-    parser.add_argument("--seed", type=int, default=0)
+    flags.add_plan_arguments(parser, searched=False, choices={"zero_stage": RUNTIME_ZERO_STAGES})
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32, or bf16 with fp32 master weights and main gradients (default fp32)")
+    parser.add_argument("--steps", type=flags.positive_int, default=DEFAULT_STEPS,
+                        help=f"optimizer steps to run (default {DEFAULT_STEPS}; resumed: steps after the checkpoint)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the initial weights, the synthetic data and the dropout masks (default 0)")
     parser.add_argument("--data", help="text file (byte-level tokens), or 'synthetic'; default: the packaged corpus")
     optimizer = parser.add_argument_group("optimizer (AdamW, betas 0.9/0.95)")
     optimizer.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE, help="peak learning rate")
@@ -71,20 +62,17 @@ def optimizer_options_from_args(args: argparse.Namespace) -> dict:
             "min_learning_rate": args.min_learning_rate}
 
 
-def plan_from_args(args: argparse.Namespace) -> ParallelPlan:
-    base = load_plan(args.plan) if args.plan else ParallelPlan()
-    changes = {key: getattr(args, key) for key in (
-        "tensor_parallel", "pipeline_parallel", "data_parallel", "virtual_stages", "schedule", "micro_batch_size",
-        "global_batch_size", "sequence_parallel", "recompute", "zero_stage") if getattr(args, key, None) is not None}
-    return complete_plan(base.with_(**changes))
+def train_plan(args: argparse.Namespace) -> ParallelPlan:
+    """The --plan file with the plan flags over it, completed (`specs.plan.complete_plan`)."""
+    return complete_plan(flags.plan_from_args(args, load_plan(args.plan) if args.plan else None))
 
 
-def train_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """`modelpar train`: SpecError propagates (the CLI prints it, exit 2); a failed rank is exit 1."""
     from modelpar.runtime.launch import RankFailure
 
     model = load_model(args.model)
-    plan = plan_from_args(args)
+    plan = train_plan(args)
     cluster = load_cluster(args.cluster) if args.cluster else None
     try:
         summary = run_training(model, plan, args.steps, args.seed, args.dtype, args.data,
@@ -170,21 +158,4 @@ def print_summary(summary: dict) -> None:
                   f"({details['peak_tflops_source']})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m modelpar.training.trainer ...` (same flags as `modelpar train`)."""
-    parser = argparse.ArgumentParser(prog="modelpar train")
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return train_command(args)
-    except SpecError as error:
-        print(f"modelpar train: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-__all__ = ["add_train_arguments", "optimizer_options_from_args", "plan_from_args", "train_command", "print_summary",
-           "write_pictures", "main"]
+__all__ = ["add_arguments", "optimizer_options_from_args", "train_plan", "run", "print_summary", "write_pictures"]

@@ -27,7 +27,9 @@ from modelpar.runtime.data_parallel import all_reduce_gradients, default_grad_of
 from modelpar.runtime.sequence_parallel import mark_module_sequence_parallel, sequence_parallel_parameters
 from modelpar.runtime.tensor_parallel import (ParallelAttention, ParallelEmbedding, ParallelLMHead, ParallelMLP,
                                               ShardLayout, allreduce_replicated_grads)
+from modelpar.specs import plan as rules
 from modelpar.specs.errors import SpecError
+from modelpar.specs.plan import ParallelPlan
 from modelpar.specs.model import ModelSpec
 
 ParallelStyle = Callable[[nn.Module, object, bool], nn.Module]
@@ -45,21 +47,13 @@ _STYLE_OF_TYPE = ((Embedding, "vocab_parallel_embedding"), (SelfAttention, "para
 
 
 def check_tensor_parallel(spec: ModelSpec, tensor_parallel: int, sequence_parallel: bool) -> None:
-    """Raise SpecError when the model cannot be split t ways (heads, KV groups, MLP, sequence). Any
-    vocabulary splits: one that t does not divide is padded (`tensor_parallel.padded_chunk_layout`)."""
-    t, name = tensor_parallel, spec.name
-    if spec.num_attention_heads % t:
-        raise SpecError(f"model '{name}': num_attention_heads {spec.num_attention_heads} is not divisible by "
-                        f"tensor_parallel {t}; pick t dividing the heads")
-    if spec.kv_heads % t and t % spec.kv_heads:
-        raise SpecError(f"model '{name}': num_query_groups {spec.kv_heads} and tensor_parallel {t} must divide "
-                        f"one another; pick t that divides or is a multiple of the KV heads")
-    if spec.ffn_hidden_size % t:
-        raise SpecError(f"model '{name}': ffn_hidden_size {spec.ffn_hidden_size} is not divisible by "
-                        f"tensor_parallel {t}; pick t dividing it")
-    if sequence_parallel and spec.seq_length % t:
-        raise SpecError(f"model '{name}': seq_length {spec.seq_length} is not divisible by tensor_parallel {t} "
-                        f"(needed by sequence parallelism); pick t dividing it or disable sequence_parallel")
+    """Raise SpecError when the model cannot be split t ways (the plan's tensor and sequence rules,
+    `specs.plan`). Any vocabulary splits: one that t does not divide is padded
+    (`tensor_parallel.padded_chunk_layout`)."""
+    t = tensor_parallel
+    reason = rules.tensor_rule(spec, t) or (rules.sequence_rule(spec, t, sequence_parallel) if t > 1 else None)
+    if reason is not None:
+        raise SpecError(rules.explain(reason, ParallelPlan(tensor_parallel=t), spec))
 
 
 def tensor_parallel_plan(model: nn.Module, sequence_parallel: bool) -> dict[str, str]:
@@ -152,9 +146,6 @@ def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.T
         full = _gather(tensor, layouts[name], ctx.tensor_group) if name in layouts else tensor
         state[name] = full.detach().cpu().clone()
     return state
-
-
-gather_state_dict = full_state_dict  # the name used in interfaces.md
 
 
 @torch.no_grad()

@@ -103,8 +103,6 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, num_devices: int, plan: Par
     `check_fits` to turn that into an error.
     """
     plan.check(model, num_devices)
-    if plan.pipeline_parallel > 1 and plan.schedule == "interleaved" and plan.virtual_stages < 2:
-        raise SpecError("plan: schedule 'interleaved' needs virtual_stages >= 2 (or use '1f1b')")
     return _estimate(model, cluster, plan)
 
 

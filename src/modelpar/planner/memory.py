@@ -307,19 +307,6 @@ def activation_bytes_per_layer(
 # --- per device --------------------------------------------------------------------------------
 
 
-def _check_plan(model: ModelSpec, plan: ParallelPlan) -> None:
-    needed = ("tensor_parallel", "pipeline_parallel", "data_parallel", "virtual_stages", "micro_batch_size",
-              "sequence_parallel", "recompute", "zero_stage", "schedule")
-    missing = [key for key in needed if getattr(plan, key) is None]
-    if missing:
-        raise SpecError(f"plan: {', '.join(missing)} not set; memory needs a complete plan")
-    chunks = plan.pipeline_parallel * plan.virtual_stages
-    if model.num_layers % chunks:
-        raise SpecError(
-            f"plan: num_layers {model.num_layers} is not divisible by pipeline_parallel x virtual_stages = {chunks}"
-        )
-
-
 def memory_per_device(
     model: ModelSpec,
     plan: ParallelPlan,
@@ -336,7 +323,7 @@ def memory_per_device(
     l (1 + (p - 1)/(p v)) layers). See the module docstring for what is counted and the
     `precision` presets for bytes per parameter.
     """
-    _check_plan(model, plan)
+    plan.check(model)
     p = plan.pipeline_parallel
     if isinstance(in_flight_chunks, Sequence):
         per_stage = tuple(in_flight_chunks)

@@ -54,23 +54,9 @@ from modelpar.planner.memory import (
 from modelpar.specs.cluster import ClusterSpec
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import ModelSpec
+from modelpar.specs import plan as rules
 from modelpar.specs.plan import RECOMPUTE_MODES, ParallelPlan
 
-REASON_TP_HEADS = "tensor_parallel does not divide heads"
-REASON_TP_KV = "tensor_parallel and key/value groups do not divide one another"
-REASON_TP_FFN = "tensor_parallel does not divide ffn_hidden_size"
-REASON_TP_NODE = "tensor_parallel exceeds devices per node"
-REASON_DEVICES = "tensor x pipeline does not divide devices"
-REASON_DP_MISMATCH = "data_parallel does not match devices / (tensor x pipeline)"
-REASON_PP_LAYERS = "pipeline_parallel does not divide layers"
-REASON_DP_BATCH = "data_parallel does not divide global batch"
-REASON_MB_BATCH = "micro_batch x data_parallel does not divide global batch"
-REASON_VIRTUAL_LAYERS = "layers not divisible by pipeline x virtual stages"
-REASON_VIRTUAL_SCHEDULE = "virtual stages need the interleaved schedule"
-REASON_INTERLEAVED_P = "interleaved needs pipeline_parallel > 1"
-REASON_INTERLEAVED_V = "interleaved needs virtual_stages >= 2"
-REASON_INTERLEAVED_M = "interleaved needs m % p == 0"
-REASON_SP_SEQ = "sequence parallel needs seq_length % t == 0"
 REASON_MEMORY = "out of memory"
 
 
@@ -115,13 +101,13 @@ def search(
     for t in _tensor_candidates(model, cluster, num_devices, partial, rejected):
         for p in _pipeline_candidates(model, num_devices, t, partial, rejected):
             d = num_devices // (t * p)
-            if batch % d:
-                rejected[REASON_DP_BATCH] += 1
+            if rules.batch_rule(batch, None, d):
+                rejected[rules.DP_BATCH] += 1
                 continue
             states = _StateMemory(model, t, p, d)
             for b in [partial.micro_batch_size] if partial.micro_batch_size else divisors(batch // d):
-                if batch % (b * d):
-                    rejected[REASON_MB_BATCH] += 1
+                if rules.batch_rule(batch, b, d):
+                    rejected[rules.MB_BATCH] += 1
                     continue
                 m = batch // (b * d)
                 for v, schedule in _schedule_candidates(model, t, p, m, partial, rejected):
@@ -147,7 +133,7 @@ def search(
 
 # `searched` counts every complete candidate the variant loop examines (these two reasons are
 # among them) plus one for each rejected branch (a t, p, b or schedule that cannot work).
-_VARIANT_REASONS = (REASON_MEMORY, REASON_SP_SEQ)
+_VARIANT_REASONS = (REASON_MEMORY, rules.SP_SEQ, rules.SP_TENSOR)
 
 
 def _global_batch(partial: ParallelPlan, global_batch_size: int | None) -> int:
@@ -166,52 +152,48 @@ def _global_batch(partial: ParallelPlan, global_batch_size: int | None) -> int:
 
 
 def _tensor_candidates(model, cluster, num_devices, partial, rejected) -> list[int]:
-    if partial.tensor_parallel is not None:
-        candidates, cap = [partial.tensor_parallel], partial.tensor_parallel
-    else:
-        candidates, cap = divisors(num_devices), cluster.devices_per_node
+    """Tensor degrees: the partial plan's, else the divisors of the devices within a node."""
+    fixed = partial.tensor_parallel is not None
     kept = []
-    for t in candidates:
-        if model.num_attention_heads % t:
-            rejected[REASON_TP_HEADS] += 1
-        elif model.kv_heads % t and t % model.kv_heads:
-            rejected[REASON_TP_KV] += 1
-        elif model.ffn_hidden_size % t:
-            rejected[REASON_TP_FFN] += 1
-        elif t > cap:
-            rejected[REASON_TP_NODE] += 1
-        else:
+    for t in [partial.tensor_parallel] if fixed else divisors(num_devices):
+        reason = rules.tensor_rule(model, t)
+        if reason is None and not fixed and rules.tensor_spans_nodes(t, cluster.devices_per_node):
+            reason = rules.TP_NODE
+        if reason is None:
             kept.append(t)
+        else:
+            rejected[reason] += 1
     return kept
 
 
 def _pipeline_candidates(model, num_devices, t, partial, rejected) -> list[int]:
-    if num_devices % t:
-        rejected[REASON_DEVICES] += 1
+    """Pipeline degrees: the partial plan's, else N / (t d) for a fixed d, else the divisors of N / t."""
+    d = partial.data_parallel
+    reason = rules.devices_rule(t, None, None, num_devices) or (
+        d is not None and rules.devices_rule(t, None, d, num_devices) and rules.WORLD_SIZE)
+    if reason:
+        rejected[reason] += 1
         return []
     if partial.pipeline_parallel is not None:
         candidates = [partial.pipeline_parallel]
-    elif partial.data_parallel is not None:
-        model_parallel = t * partial.data_parallel
-        candidates = [num_devices // model_parallel] if num_devices % model_parallel == 0 else []
-        if not candidates:
-            rejected[REASON_DP_MISMATCH] += 1
+    elif d is not None:
+        candidates = [num_devices // (t * d)]
     else:
         candidates = [p for p in divisors(num_devices // t) if p <= model.num_layers]
     kept = []
     for p in candidates:
-        if num_devices % (t * p):
-            rejected[REASON_DEVICES] += 1
-        elif partial.data_parallel is not None and num_devices // (t * p) != partial.data_parallel:
-            rejected[REASON_DP_MISMATCH] += 1
-        elif model.num_layers % p:
-            rejected[REASON_PP_LAYERS] += 1
-        else:
+        reason = (rules.devices_rule(t, p, None, num_devices) or (d is not None and rules.devices_rule(t, p, d, num_devices))
+                  or rules.layers_rule(model, p))
+        if reason is None:
             kept.append(p)
+        else:
+            rejected[reason] += 1
     return kept
 
 
 def _schedule_candidates(model, t, p, m, partial, rejected) -> list[tuple[int, str]]:
+    """(v, schedule) pairs: the partial plan's, else v = 1 with 1F1B / GPipe and every v > 1 that
+    divides the layers with the interleaved schedule."""
     if partial.virtual_stages is not None:
         stages = [partial.virtual_stages]
     elif partial.schedule is not None and partial.schedule != "interleaved":
@@ -220,28 +202,20 @@ def _schedule_candidates(model, t, p, m, partial, rejected) -> list[tuple[int, s
         stages = [1] if p == 1 else divisors(model.num_layers // p)
     kept = []
     for v in stages:
-        if model.num_layers % (p * v):
-            rejected[REASON_VIRTUAL_LAYERS] += 1
+        reason = rules.layers_rule(model, p, v)
+        if reason is not None:
+            rejected[reason] += 1
             continue
         if partial.schedule is not None:
             schedules = [partial.schedule]
         else:
             schedules = ["interleaved"] if v > 1 else (["1f1b", "gpipe"] if p > 1 else ["1f1b"])
         for schedule in schedules:
-            if schedule != "interleaved":
-                if v != 1:
-                    rejected[REASON_VIRTUAL_SCHEDULE] += 1
-                    continue
-            elif p == 1:
-                rejected[REASON_INTERLEAVED_P] += 1
-                continue
-            elif v < 2:
-                rejected[REASON_INTERLEAVED_V] += 1
-                continue
-            elif m % p:
-                rejected[REASON_INTERLEAVED_M] += 1
-                continue
-            kept.append((v, schedule))
+            reason = rules.schedule_rule(schedule, p, v, m)
+            if reason is None:
+                kept.append((v, schedule))
+            else:
+                rejected[reason] += 1
     return kept
 
 
@@ -303,8 +277,9 @@ def _cost_variants(model, cluster, partial, t, p, d, b, m, v, schedule, states, 
     examined = 0
     kept = []
     for sp in sp_options:
-        if sp and model.seq_length % t:
-            rejected[REASON_SP_SEQ] += len(recompute_options) * len(zero_options)
+        reason = rules.sequence_rule(model, t, sp)
+        if reason is not None:
+            rejected[reason] += len(recompute_options) * len(zero_options)
             examined += len(recompute_options) * len(zero_options)
             continue
         for recompute in recompute_options:
@@ -347,15 +322,6 @@ def _plan(variant: tuple, batch: int) -> ParallelPlan:
 # --- explanations ------------------------------------------------------------------------------
 
 
-def describe_plan(plan: ParallelPlan) -> str:
-    """Compact one-line form, e.g. 't8 p64 d1 v2 b1 interleaved sp selective zero0'."""
-    return (
-        f"t{plan.tensor_parallel} p{plan.pipeline_parallel} d{plan.data_parallel} v{plan.virtual_stages} "
-        f"b{plan.micro_batch_size} {plan.schedule} {'sp ' if plan.sequence_parallel else ''}{plan.recompute} "
-        f"zero{plan.zero_stage}"
-    )
-
-
 def explain_rejections(result: SearchResult) -> str:
     """One line per rejection reason, most frequent first."""
     if not result.rejected:
@@ -380,10 +346,10 @@ def explain_losers(result: SearchResult) -> list[str]:
         key, delta = max(deltas.items(), key=lambda item: item[1])
         relative = gap / best.step_time_s
         if delta <= 0:
-            lines.append(f"#{rank} {describe_plan(other.plan)}: {100 * relative:.1f}% slower")
+            lines.append(f"#{rank} {other.plan.describe()}: {100 * relative:.1f}% slower")
             continue
         lines.append(
-            f"#{rank} {describe_plan(other.plan)}: {100 * relative:.1f}% slower; "
+            f"#{rank} {other.plan.describe()}: {100 * relative:.1f}% slower; "
             f"{key.removesuffix('_s').replace('_', ' ')} +{delta:.3g} s "
             f"({other.breakdown[key]:.3g} s vs {best.breakdown[key]:.3g} s)"
         )

@@ -1,6 +1,6 @@
 """Predict published training runs and compare with their measured step times.
 
-Each run of `shared/validation/published_runs.json` (format: that folder's README.md) gives a
+Each run of `published_runs.json` (shipped as `modelpar/specs/validation/`, format: its README.md) gives a
 model, a cluster (preset name or inline object), a device count, a partial plan (null = the
 source did not say) and the measured seconds per step. The run's plan has no schedule: it is
 'interleaved' when virtual_stages > 1 and unknown otherwise. `validate_runs` fills the unknowns
@@ -72,8 +72,11 @@ class ValidationReport:
         return {"runs": [row.to_dict() for row in self.runs], "summary": self.summary}
 
 
-def validate_runs(path_or_data: str | os.PathLike | dict | list) -> ValidationReport:
-    """Predict every run of a published-runs file (path, parsed document, or list of runs)."""
+def validate_runs(path_or_data: str | os.PathLike | dict | list | None = None) -> ValidationReport:
+    """Predict every run of a published-runs file (path, parsed document, or list of runs; None:
+    the packaged published runs, `default_runs_path()`)."""
+    if path_or_data is None:
+        path_or_data = default_runs_path()
     data = read_json(path_or_data) if isinstance(path_or_data, (str, os.PathLike)) else path_or_data
     runs = data.get("runs") if isinstance(data, dict) else data
     if not isinstance(runs, list) or not runs:
@@ -202,8 +205,9 @@ def _group_labels(runs: list[dict]) -> list[str]:
 
 
 def default_runs_path() -> Path:
-    """`shared/validation/published_runs.json` next to the repository (../shared from its root)."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "validation" / "published_runs.json"
+    """The published runs shipped with the package: `modelpar/specs/validation/published_runs.json`
+    (a copy of `shared/validation/published_runs.json`; format: that folder's README.md)."""
+    return Path(__file__).resolve().parents[1] / "specs" / "validation" / "published_runs.json"
 
 
 def main() -> None:  # pragma: no cover - convenience for `python -m modelpar.planner.validate`

@@ -22,11 +22,22 @@ def pyplot():
     return plt
 
 
-def save_figure(figure, path: str | Path, dpi: int) -> Path:
-    """Write `figure` to `path` (parent folders created, tight bounding box), close it, return the path."""
+def figure_path(path: str | Path, supported: Sequence[str] = ("png",)) -> Path:
+    """The file a figure for `path` is written to: `path` itself when its suffix names a format in
+    `supported` (case-insensitive), else `path` with '.png' appended ('out/run' -> 'out/run.png',
+    'run.v2' -> 'run.v2.png'), which is what matplotlib would write for a bare name."""
     path = Path(path)
+    if path.suffix[1:].lower() in {name.lower() for name in supported}:
+        return path
+    return path.with_name(path.name + ".png")
+
+
+def save_figure(figure, path: str | Path, dpi: int) -> Path:
+    """Write `figure` (parent folders created, tight bounding box), close it, and return the path
+    really written: `figure_path(path)` ('.png' appended unless the suffix names an image format)."""
+    path = figure_path(path, tuple(figure.canvas.get_supported_filetypes()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi, bbox_inches="tight")
+    figure.savefig(path, dpi=dpi, bbox_inches="tight", format=path.suffix[1:].lower())
     pyplot().close(figure)
     return path
 

@@ -10,8 +10,17 @@ from __future__ import annotations
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
+from modelpar.planner.cost import BREAKDOWN_KEYS
+from modelpar.planner.search import explain_losers
+
 GIB = 2**30
 MEMORY_KEYS = ("parameters", "gradients", "optimizer_states", "activations", "embedding_and_logits")
+EXPOSED_COMM_KEYS = ("tensor_parallel_comm_s", "pipeline_p2p_s", "data_parallel_comm_s")
+"""Communication on the critical path; `overlapped_comm_s` runs behind compute and costs no time."""
+INSIDE_COMPUTE_KEYS = ("recompute_s", "embedding_and_logits_s")
+"""Parts of `compute_s`, shown under it (adding them to the step would count them twice)."""
+HIDDEN_KEYS = ("overlapped_comm_s",)
+"""Seconds that overlap compute: shown, but not part of the step."""
 
 
 def _console():
@@ -66,9 +75,7 @@ def search_json(result) -> dict:
         "rejected": dict(result.rejected),
         "searched": result.searched,
     }
-    explanations = getattr(result, "explanations", None)
-    if explanations:
-        document["explanations"] = list(explanations)
+    document["explanations"] = explain_losers(result)
     return document
 
 
@@ -101,7 +108,7 @@ def print_search(result, model, cluster, num_devices: int, elapsed_s: float) -> 
     for rank, e in enumerate(result.plans, 1):
         p = e.plan
         b = e.breakdown
-        comm = sum(v for k, v in b.items() if k.endswith("comm_s") or k.endswith("p2p_s"))
+        comm = sum(b.get(key, 0.0) for key in EXPOSED_COMM_KEYS)
         table.add_row(
             str(rank), _plan_label(p), str(p.micro_batch_size), str(p.num_micro_batches), p.schedule,
             "yes" if p.sequence_parallel else "no", p.recompute, str(p.zero_stage), f"{e.step_time_s:.3f}",
@@ -112,7 +119,10 @@ def print_search(result, model, cluster, num_devices: int, elapsed_s: float) -> 
     if result.rejected:
         rejected = ", ".join(f"{reason}: {count}" for reason, count in sorted(result.rejected.items(), key=lambda kv: -kv[1]))
         console.print(f"rejected {sum(result.rejected.values())} of {result.searched} plans — {rejected}")
-    for line in getattr(result, "explanations", None) or []:
+    losers = explain_losers(result)
+    if losers:
+        console.print("why the others are slower than #1:")
+    for line in losers:
         console.print(f"  {line}")
     console.print(f"searched in {result.seconds:.3f} s (command {elapsed_s:.3f} s)")
 
@@ -140,13 +150,14 @@ def print_estimate(estimate, model, cluster, num_devices: int) -> None:
         f"predicted step {estimate.step_time_s:.3f} s, MFU {estimate.mfu:.1%}, HFU {estimate.hfu:.1%}, "
         f"{estimate.energy_per_token_j:.3g} J/token"
     )
-    time_table = Table(title="where the time goes (per step, slowest stage)", title_justify="left")
-    time_table.add_column("component")
-    time_table.add_column("seconds", justify="right")
-    time_table.add_column("share of step", justify="right")
-    for key, value in estimate.breakdown.items():
-        time_table.add_row(key, f"{value:.4f}", f"{value / estimate.step_time_s:.1%}")
-    console.print(time_table)
+    console.print(_time_table(estimate))
+    breakdown = estimate.breakdown
+    if "bubble_fraction" in breakdown:
+        console.print(f"pipeline bubble: {breakdown['bubble_fraction']:.1%} of the schedule's time is idle")
+    if "num_micro_batches" in breakdown:
+        console.print(f"micro-batches per step: {breakdown['num_micro_batches']:,.0f} per pipeline")
+    if "tokens_per_step" in breakdown:
+        console.print(f"tokens per step: {breakdown['tokens_per_step']:,.0f}")
     mem = estimate.memory
     mem_table = Table(title="memory per device (worst stage)", title_justify="left")
     mem_table.add_column("component")
@@ -158,6 +169,39 @@ def print_estimate(estimate, model, cluster, num_devices: int) -> None:
     console.print(mem_table)
     if not mem.fits:
         console.print(f"[red]does not fit: {mem.shortfall / GIB:.2f} GiB over[/red]")
+
+
+def _seconds_keys(breakdown: dict) -> list[str]:
+    """The breakdown's seconds entries (`planner.cost.BREAKDOWN_KEYS` first, then any other `_s` key)."""
+    known = [key for key in BREAKDOWN_KEYS if key in breakdown]
+    return known + [key for key in breakdown if key.endswith("_s") and key not in known]
+
+
+def _time_table(estimate):
+    """Seconds of the step by component: the step's parts add up to the step; the parts of compute
+    are indented under it, and overlapped communication is listed below the total as hidden."""
+    from rich.table import Table
+
+    step = estimate.step_time_s
+    breakdown = estimate.breakdown
+    keys = _seconds_keys(breakdown)
+    table = Table(title="where the time goes (per step, slowest stage)", title_justify="left")
+    table.add_column("component")
+    table.add_column("seconds", justify="right")
+    table.add_column("share of step", justify="right")
+    for key in keys:
+        if key in INSIDE_COMPUTE_KEYS or key in HIDDEN_KEYS:
+            continue
+        table.add_row(key, f"{breakdown[key]:.4f}", f"{breakdown[key] / step:.1%}")
+        if key == "compute_s":
+            for part in (k for k in keys if k in INSIDE_COMPUTE_KEYS):
+                table.add_row(f"  of which {part}", f"{breakdown[part]:.4f}", f"({breakdown[part] / step:.1%})",
+                              style="dim")
+    table.add_section()
+    table.add_row("step", f"{step:.4f}", "100.0%", style="bold", end_section=True)
+    for key in (k for k in keys if k in HIDDEN_KEYS):
+        table.add_row(f"{key} (hidden behind compute)", f"{breakdown[key]:.4f}", "not in step", style="dim")
+    return table
 
 
 def print_validation(report) -> None:

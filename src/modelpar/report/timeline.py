@@ -19,6 +19,7 @@ matplotlib is imported inside the drawing functions (Agg backend), never at modu
 
 from __future__ import annotations
 
+import colorsys
 import json
 import re
 from collections import defaultdict
@@ -35,13 +36,19 @@ COMPUTE_KINDS = (FORWARD_KIND, BACKWARD_KIND)
 COMMUNICATION_KINDS = ("recv", "send", "send_wait")  # drawn as a thin strip under the compute boxes
 RUNTIME_KIND_NAMES = {"grad_sync": "allreduce"}  # runtime span kind -> TimelineEvent kind
 
-# Forward (light) / backward (dark) fill per model chunk; chunks beyond the list cycle.
+# Forward (light) / backward (dark) fill of the first model chunks; further chunks get their own
+# pairs from `chunk_colours` (golden-angle hues), so no two chunks share a colour.
 CHUNK_COLOURS = (
     ("#9ecae1", "#2166ac"),  # blue
     ("#a1d99b", "#1b7837"),  # green
     ("#fdd0a2", "#d94801"),  # orange
     ("#cbc9e2", "#54278f"),  # purple
+    ("#fcbba1", "#a50f15"),  # red
+    ("#99d8c9", "#00665e"),  # teal
 )
+CHUNK_LIGHTNESS = (0.80, 0.30)  # (forward, backward) HLS lightness of the generated pairs
+CHUNK_SATURATION = 0.65
+GOLDEN_HUE_STEP = 0.3819660112501051  # 1 - 1/golden ratio: consecutive hues far apart, never repeating
 OTHER_COLOURS = {
     "recv": "#bdbdbd",
     "send": "#737373",
@@ -226,10 +233,28 @@ def write_chrome_trace(events: Sequence[TimelineEvent], path: str | Path, row_na
 # --- Gantt charts -----------------------------------------------------------------------------
 
 
+def chunk_colours(chunk: int) -> tuple[str, str]:
+    """(forward, backward) fill of model chunk `chunk`: light and dark of one hue, distinct for
+    chunk. The first come from CHUNK_COLOURS; later ones step the hue by the golden angle (an
+    irrational fraction of the circle, so hues do not repeat) at fixed light/dark lightness; the
+    8-bit colours stay distinct for the first 240 chunks (a chunk holds at least one layer, and
+    an interleaved pipeline has p >= 2: 480 layers)."""
+    if chunk < len(CHUNK_COLOURS):
+        return CHUNK_COLOURS[chunk]
+    hue = (0.13 + (chunk - len(CHUNK_COLOURS)) * GOLDEN_HUE_STEP) % 1.0
+    light, dark = (_hls_hex(hue, lightness, CHUNK_SATURATION) for lightness in CHUNK_LIGHTNESS)
+    return light, dark
+
+
+def _hls_hex(hue: float, lightness: float, saturation: float) -> str:
+    red, green, blue = colorsys.hls_to_rgb(hue, lightness, saturation)
+    return "#" + "".join(f"{round(255 * channel):02x}" for channel in (red, green, blue))
+
+
 def event_colour(event: TimelineEvent) -> str:
     """Forward light / backward dark, hue by model chunk; fixed colours for the other kinds."""
     if event.kind in COMPUTE_KINDS:
-        light, dark = CHUNK_COLOURS[(event.chunk or 0) % len(CHUNK_COLOURS)]
+        light, dark = chunk_colours(event.chunk or 0)
         return light if event.kind == FORWARD_KIND else dark
     return OTHER_COLOURS.get(event.kind, FALLBACK_COLOUR)
 
@@ -261,7 +286,8 @@ def gantt_png(
     """Draw one row per rank (rank 0 on top): forward boxes light and backward boxes dark, in one
     hue per model chunk, labelled with the micro-batch when wide enough; transfers as a thin grey
     strip, gradient all-reduce and optimizer in their own colours; white gaps are idle time. The
-    title gets the bubble fraction and makespan. Returns the path (parent folders created)."""
+    title gets the bubble fraction and makespan. Returns the path written (parent folders created;
+    '.png' appended unless `path` ends in an image format, `figures.save_figure`)."""
     plt = pyplot()
     ranks = _ranks(events)
     figure, axes = plt.subplots(figsize=(FIGURE_WIDTH_IN, _panel_height(len(ranks)) + 0.9))
@@ -286,7 +312,8 @@ def side_by_side_png(
 ) -> Path:
     """Predicted (top) and measured (bottom) Gantt panels, each starting at its own first event,
     on one shared time axis (or, with `share_time_axis=False`, each on its own, for timelines of
-    very different lengths); each panel's title gives its bubble fraction and makespan."""
+    very different lengths); each panel's title gives its bubble fraction and makespan. Returns
+    the path written (as `gantt_png`)."""
     plt = pyplot()
     panels = (("predicted", predicted_events), ("measured", measured_events))
     ranks = [_ranks(events) for _, events in panels]

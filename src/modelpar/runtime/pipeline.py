@@ -47,6 +47,7 @@ import bisect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,9 @@ from torch import nn
 from modelpar.schedules.p2p import ACTIVATION, GRADIENT, Exchange, check_exchange_programs, exchange_programs
 from modelpar.schedules.actions import BACKWARD, FORWARD, Action, global_stage
 from modelpar.runtime.timeline import Timeline
+from modelpar.specs import plan as rules
 from modelpar.specs.errors import SpecError
+from modelpar.specs.plan import ParallelPlan
 
 P2P_ENV = "MODELPAR_P2P"
 P2P_MODES = ("tagged", "batched")
@@ -68,10 +71,9 @@ def stage_layer_ranges(num_layers: int, num_stages: int, virtual_stages: int = 1
     """Layers of each global stage: L / (p v) consecutive layers each (the plan checks divisibility)."""
     total = num_stages * virtual_stages
     if num_layers % total:
-        raise SpecError(
-            f"num_layers {num_layers} is not divisible by pipeline_parallel {num_stages} x virtual_stages "
-            f"{virtual_stages} = {total}; choose stages that divide {num_layers}"
-        )
+        raise SpecError(rules.explain(rules.VIRTUAL_LAYERS, ParallelPlan(pipeline_parallel=num_stages,
+                                                                        virtual_stages=virtual_stages),
+                                      SimpleNamespace(num_layers=num_layers, name="the model")))
     per_stage = num_layers // total
     return [range(g * per_stage, (g + 1) * per_stage) for g in range(total)]
 

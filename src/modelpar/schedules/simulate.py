@@ -3,15 +3,12 @@
 The simulator runs the very action lists that the runtime executes
 (`modelpar.schedules.actions.build_schedule`): each rank executes its list strictly in order; an
 action starts once its rank is free and its dependencies are done, plus `p2p_time` for a
-dependency computed on another rank (a list scheduler, Graham 1966, with the data dependencies
-of Huang et al. 2019 / Narayanan et al. 2021):
+dependency computed on another rank (a list scheduler, Graham 1966). The dependencies are
+`modelpar.schedules.dependencies.needs` (Huang et al. 2019 / Narayanan et al. 2021).
 
-- F(g, i) needs F(g - 1, i) (the activation of the previous global stage),
-- B(g, i) needs F(g, i) and B(g + 1, i) (the gradient of the next stage); the last stage's B
-  needs only its own F.
-
-Global stage g = chunk * p + rank. The cached helpers (`bubble_fraction`,
-`peak_in_flight_chunks`) are what the cost model calls for every candidate plan.
+`bubble_fraction` (cached) is what the cost model calls, through `planner.cost.pipeline_profile`;
+`peak_in_flight_chunks` counts in-flight activations from the lists without simulating (only
+the tests call it: the cost model uses the closed forms of `pipeline_profile`).
 """
 
 from __future__ import annotations
@@ -19,19 +16,16 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from itertools import accumulate, chain
-from typing import Callable, Sequence, Union
+from typing import Callable, NamedTuple, Sequence, Union
 
 from modelpar.schedules.actions import Action, build_schedule, global_stage
+from modelpar.schedules.dependencies import Message, PipelineDeadlock, needs, produces, receives
 from modelpar.specs.errors import SpecError
 
 Duration = Union[float, Callable[[int, Action], float]]
 
 _KIND_BIT = {"F": 0, "B": 1}
 _MAX_RANKS_NAMED = 8
-
-
-class PipelineDeadlock(RuntimeError):
-    """No rank can start its next action although actions remain: the schedule order is invalid."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,24 +146,15 @@ def check_runtime_order(actions: Sequence[Sequence[Action]]) -> None:
     num_ranks = len(actions)
     if num_ranks == 1:
         return
-    num_chunks = 1 + max(action.chunk for row in actions for action in row)
-    sent: dict[tuple[int, int], list[tuple[str, int, int]]] = {}  # (sender, receiver) -> messages in order
-    received: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
-    last_stage = num_ranks * num_chunks - 1
+    num_global = num_ranks * (1 + max(action.chunk for row in actions for action in row))
+    sent: dict[tuple[int, int], list[Message]] = {}  # (sender, receiver) -> messages in order
+    received: dict[tuple[int, int], list[Message]] = {}
     for rank, row in enumerate(actions):
-        previous_rank, next_rank = (rank - 1) % num_ranks, (rank + 1) % num_ranks
         for action in row:
-            stage, i = global_stage(rank, action.chunk, num_ranks), action.micro_batch
-            if action.kind == "F":  # receives the previous stage's activation, sends its own onwards
-                if stage > 0:
-                    received.setdefault((previous_rank, rank), []).append(("activation", stage - 1, i))
-                if stage < last_stage:
-                    sent.setdefault((rank, next_rank), []).append(("activation", stage, i))
-            else:  # receives the next stage's gradient, sends its own backwards
-                if stage < last_stage:
-                    received.setdefault((next_rank, rank), []).append(("gradient", stage + 1, i))
-                if stage > 0:
-                    sent.setdefault((rank, previous_rank), []).append(("gradient", stage, i))
+            for table, message in ((received, receives(action, rank, num_ranks, num_global)),
+                                   (sent, produces(action, rank, num_ranks, num_global))):
+                if message is not None:
+                    table.setdefault((message.sender, message.receiver), []).append(message)
     for pair in sorted(set(sent) | set(received)):
         out, into = sent.get(pair, []), received.get(pair, [])
         if out != into:
@@ -311,32 +296,27 @@ def _rank_program(rank, codes, duration, layout, ended, began, waiter, ready, la
     The driver resumes it once that action has run (`waiter`). Keeping each rank's state in its
     own generator frame makes a block-and-resume cost about as much as one action.
     """
-    p, stride = layout.num_ranks, layout.chunk_stride
-    previous_rank, next_rank = (rank - 1) % p, (rank + 1) % p
-    own, previous, following = ended[rank], ended[previous_rank], ended[next_rank]
-    own_began, own_waiter = began[rank], waiter[rank]
-    # F(code) needs previous[code - forward_shift] when code >= forward_shift (not the first stage);
-    # B(code) needs following[code + backward_shift] when code < backward_limit (not the last stage).
-    forward_shift = stride if rank == 0 else 0
-    backward_shift = stride if rank == p - 1 else 0
-    backward_limit = layout.num_codes - backward_shift
+    num_codes = layout.num_codes
+    (forward_rank, forward_needed, forward_lag), (backward_rank, backward_needed, backward_lag) = (
+        edge.in_codes(layout.chunk_stride, num_codes, lag)
+        for edge in _code_rule(rank, layout.num_ranks, layout.num_chunks))
+    own, own_began, own_waiter = ended[rank], began[rank], waiter[rank]
+    forward_ended, backward_ended = ended[forward_rank], ended[backward_rank]
     t = 0.0
     for code in codes:
         start = t
         if code & 1:  # backward: needs the own forward (run earlier here, so done by t), then the gradient
             if own[code - 1] < 0:
                 yield rank, code - 1  # the forward comes later in this same list: never resumed, a deadlock
-            neighbour, neighbour_ended, needed = next_rank, following, code + backward_shift
-            needs_neighbour = code < backward_limit
+            neighbour, neighbour_ended, needed, edge_lag = backward_rank, backward_ended, backward_needed[code], backward_lag
         else:  # forward: needs the previous stage's activation
-            neighbour, neighbour_ended, needed = previous_rank, previous, code - forward_shift
-            needs_neighbour = code >= forward_shift
-        if needs_neighbour:  # not the first stage's forward nor the last stage's backward
+            neighbour, neighbour_ended, needed, edge_lag = forward_rank, forward_ended, forward_needed[code], forward_lag
+        if needed >= 0:  # not the first stage's forward nor the last stage's backward
             done = neighbour_ended[needed]
             if done < 0:
                 yield neighbour, needed
                 done = neighbour_ended[needed]
-            done += lag
+            done += edge_lag
             if done > start:
                 start = done
         t = start + duration[code]
@@ -346,6 +326,51 @@ def _rank_program(rank, codes, duration, layout, ended, began, waiter, ready, la
         if blocked >= 0:
             ready.append(blocked)
     free_at[rank] = t
+
+
+class _Edge(NamedTuple):
+    """The need of one kind of action on a neighbouring stage, in chunks: chunks first..end-1 of
+    the rank need, on `rank`, the action `chunks` chunks lower with kind bit `bits` lower."""
+
+    bit: int  # of the needing actions: 0 forward, 1 backward
+    rank: int
+    chunks: int
+    bits: int
+    first: int
+    end: int
+    remote: bool
+
+    def in_codes(self, stride: int, num_codes: int, lag: float) -> tuple[int, list[int], float]:
+        """(rank, per code of this kind the needed code there or -1, time added) with 2m codes a chunk."""
+        needed = [-1] * num_codes
+        shift = self.chunks * stride + self.bits
+        first, end = self.first * stride + self.bit, self.end * stride
+        needed[first:end:2] = range(first - shift, end - shift, 2)
+        return self.rank, needed, lag if self.remote else 0.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_rule(rank: int, num_ranks: int, num_chunks: int) -> tuple[_Edge, _Edge]:
+    """`dependencies.needs` of `rank`'s forwards and backwards, in the shape `_rank_program` runs:
+    a backward needs its own forward, and either kind at most one action on a neighbouring stage,
+    the same micro-batch on a contiguous run of chunks (raises NotImplementedError otherwise)."""
+    edges = []
+    for kind, bit in _KIND_BIT.items():
+        found: dict[tuple, list[int]] = {}
+        own_forward = 0
+        for chunk in range(num_chunks):
+            for (needed, stage, micro_batch), remote in needs(Action(kind, chunk, 0), rank, num_ranks,
+                                                              num_ranks * num_chunks):
+                edge = (stage % num_ranks, chunk - stage // num_ranks, bit - _KIND_BIT[needed], micro_batch, remote)
+                if edge[:4] == (rank, 0, 1, 0):
+                    own_forward += 1
+                else:
+                    found.setdefault(edge, []).append(chunk)
+        (owner, chunks, bits, micro_batch, remote), run = next(iter(found.items()), ((rank, 0, 0, 0, False), [0]))
+        if len(found) > 1 or micro_batch or run != list(range(run[0], run[-1] + 1)) or own_forward != bit * num_chunks:
+            raise NotImplementedError(f"simulate: the dependency rule of rank {rank} is not one simulate can run")
+        edges.append(_Edge(bit, owner, chunks, bits, run[0], run[-1] + 1 if found else run[0], remote))
+    return edges[0], edges[1]
 
 
 def _durations(rank_actions, rank_codes, num_codes: int, forward_time: Duration, backward_time: Duration):
@@ -398,8 +423,8 @@ def _check_complete(rank_actions, ended, layout: _Layout) -> None:
     raise ValueError(f"simulate: the schedule never runs {layout.describe(rank, code)} (on rank {rank})")
 
 
-def _describe_message(messages: list[tuple[str, int, int]], index: int) -> str:
+def _describe_message(messages: list[Message], index: int) -> str:
     if index >= len(messages):
         return "nothing"
-    kind, stage, micro_batch = messages[index]
-    return f"the {kind} of stage {stage}, micro-batch {micro_batch}"
+    message = messages[index]
+    return f"the {message.kind} of stage {message.source_stage}, micro-batch {message.micro_batch}"

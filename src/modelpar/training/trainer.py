@@ -33,14 +33,13 @@ from dataclasses import dataclass, field
 
 from modelpar.planner.prediction import try_predict
 from modelpar.specs import ModelSpec, ParallelPlan, SpecError
+from modelpar.specs.plan import complete_plan
 
 DEFAULT_STEPS = 20
-DEFAULT_MICRO_BATCH_SIZE = 2
 DEFAULT_LEARNING_RATE = 3e-3
 DEFAULT_WEIGHT_DECAY = 0.1
 DEFAULT_CLIP_GRAD = 0.0
 """Gradient clipping is off by default (0); Megatron-LM's default is 1.0 (`--clip-grad 1.0`)."""
-RUNTIME_ZERO_STAGES = (0, 1)
 CRASH_RANK_ENV = "MODELPAR_CRASH_RANK"
 """Fault injection for tests: the rank named here exits abruptly (os._exit) at the start of step 1."""
 
@@ -82,37 +81,14 @@ class TrainConfig:
                                     self.lr_decay_steps, self.min_learning_rate)
 
 
-def complete_plan(plan: ParallelPlan) -> ParallelPlan:
-    """Fill a partial plan with the runtime defaults: t = p = d = 1, 1f1b (interleaved with v = 2
-    when asked for without v), b = 2, m = 2p micro-batches, no sequence parallelism, no recompute, ZeRO 0."""
-    p = plan.pipeline_parallel or 1
-    schedule = plan.schedule or "1f1b"
-    v = plan.virtual_stages or (2 if schedule == "interleaved" else 1)
-    b = plan.micro_batch_size or DEFAULT_MICRO_BATCH_SIZE
-    d = plan.data_parallel or 1
-    return plan.with_(
-        tensor_parallel=plan.tensor_parallel or 1, pipeline_parallel=p, data_parallel=d, virtual_stages=v,
-        schedule=schedule, micro_batch_size=b,
-        global_batch_size=plan.global_batch_size or b * d * 2 * p,
-        sequence_parallel=bool(plan.sequence_parallel), recompute=plan.recompute or "none",
-        zero_stage=plan.zero_stage if plan.zero_stage is not None else 0,
-    )
-
-
 def validate_training(config: TrainConfig) -> None:
     """Everything that can be checked before a rank starts; raises SpecError (one line)."""
     from modelpar.training.data import make_token_source
-    from modelpar.models.gpt_parallel import check_tensor_parallel
     from modelpar.runtime.checkpoint import read_checkpoint_for
     from modelpar.runtime.precision import PrecisionPolicy
-    from modelpar.schedules.actions import build_schedule
 
     plan, model = config.plan, config.model
-    plan.check(model, plan.world_size)
-    if plan.zero_stage not in RUNTIME_ZERO_STAGES:
-        raise SpecError(f"plan: zero_stage {plan.zero_stage} is not implemented by the runtime; use 0 or 1 (ZeRO-1)")
-    check_tensor_parallel(model, plan.tensor_parallel, plan.sequence_parallel)
-    build_schedule(plan.schedule, plan.pipeline_parallel, plan.num_micro_batches, plan.virtual_stages)
+    plan.check(model, plan.world_size, runtime=True)
     PrecisionPolicy(config.dtype)
     if isinstance(config.steps, bool) or not isinstance(config.steps, int) or config.steps < 1:
         raise SpecError(f"--steps must be a positive integer, got {config.steps!r}")
@@ -595,11 +571,5 @@ def optimizer_summary(config: TrainConfig, start_step: int = 0) -> dict:
             "decay_norms_and_biases": config.decay_norms_and_biases, "clip_grad": config.clip_grad}
 
 
-if __name__ == "__main__":  # `python -m modelpar.training.trainer ...`: the command line
-    from modelpar.commands.train import main
-
-    sys.exit(main())
-
-
-__all__ = ["TrainConfig", "RankTrainer", "run_training", "complete_plan", "validate_training", "optimizer_summary",
+__all__ = ["TrainConfig", "RankTrainer", "run_training", "validate_training", "optimizer_summary",
            "summarise"]
