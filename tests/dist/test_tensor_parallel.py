@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelpar.models.gpt import DropoutKey, init_gpt
-from modelpar.models.gpt_parallel import (full_grads, full_state_dict, load_full_state_dict, parallelize,
-                                         sync_tensor_parallel_grads)
+from modelpar.models.gpt_parallel import parallelize, sync_tensor_parallel_grads
 from modelpar.runtime.collectives import (all_gather_sequence, copy_to_tensor_region, gather_last_dim,
                                           reduce_from_tensor_region, reduce_scatter_sequence, scatter_last_dim,
                                           split_sequence)
 from modelpar.runtime.mesh import ParallelContext, ParallelDims, coordinates, group_of
 from modelpar.runtime.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                              full_grads, full_state_dict, load_full_state_dict,
                                               vocab_parallel_cross_entropy)
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import MODEL_PRESETS

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from modelpar.models.gpt import init_gpt
-from modelpar.runtime.checkpoint import FORMAT, Checkpoint, read_checkpoint, read_checkpoint_for
+from modelpar.runtime.checkpoint import FORMAT, Checkpoint, read_checkpoint
+from modelpar.training.trainer import read_checkpoint_for
 from modelpar.runtime.zero import AdamW, OptimizerState, ZeroOneAdamW, decay_matrices
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
 from modelpar.specs.plan import complete_plan

@@ -121,3 +121,43 @@ def test_planner_does_not_import_torch():
             "'--devices','64','--json']); assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_estimate_time_table_lists_seconds_and_the_rest_with_units(capsys, tmp_path):
+    plan = tmp_path / "plan.json"  # Korthikanti et al. 2022 Table 5, 1T
+    plan.write_text(json.dumps({"tensor_parallel": 8, "pipeline_parallel": 64, "data_parallel": 1,
+                                "virtual_stages": 1, "micro_batch_size": 1, "global_batch_size": 512,
+                                "sequence_parallel": True, "recompute": "selective", "zero_stage": 0,
+                                "schedule": "1f1b"}))
+    code, out, err = run(capsys, "estimate", "--model", "megatron-1t", "--cluster", "dgx-a100-80gb", "--devices",
+                         "512", "--plan", str(plan))
+    assert code == 0, err
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 3}
+    assert "bubble_fraction" not in rows and "num_micro_batches" not in rows and "tokens_per_step" not in rows
+    assert "compute_s" in rows and "step" in rows and "100.0%" in rows["step"]
+    assert "not in step" in rows["overlapped_comm_s (hidden behind compute)"]
+    assert "pipeline bubble: 11.0% of the schedule's time is idle" in out
+    assert "micro-batches per step: 512 per pipeline" in out and "tokens per step: 1,048,576" in out
+    shares = [float(line.split("│")[3].strip().rstrip("%")) for key, line in rows.items()
+              if key.endswith("_s") and "%" in line and "(" not in line.split("│")[3]]
+    assert sum(shares) == pytest.approx(100.0, abs=0.5)  # the step's parts add up to the step
+
+
+def test_plan_exposed_comm_counts_only_exposed_communication_and_explains_losers(capsys):
+    argv = ["plan", "--model", "megatron-1t", "--cluster", "dgx-a100-80gb", "--devices", "3072",
+            "--global-batch-size", "3072"]
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert len(document["explanations"]) == len(document["plans"]) - 1
+    assert document["explanations"][0].startswith("#2 ")
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "why the others are slower than #1:" in out and "#2 t" in out
+    table_rows = [line.split("│") for line in out.splitlines() if line.count("│") >= 13]
+    assert len(table_rows) == len(document["plans"]) == 5
+    for best, row in zip(document["plans"], table_rows):
+        b = best["breakdown"]
+        exposed = b["tensor_parallel_comm_s"] + b["pipeline_p2p_s"] + b["data_parallel_comm_s"]
+        assert row[13].strip() == f"{exposed / best['predicted_step_time_s']:.1%}"
+

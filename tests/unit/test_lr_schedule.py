@@ -12,7 +12,8 @@ import torch
 from modelpar.commands import cli
 from modelpar.runtime.grad_norm import WeightedRange, clip_factor, norm_ranges, weighted_square_sum
 from modelpar.runtime.lr_schedule import LearningRateSchedule
-from modelpar.runtime.tensor_parallel import ShardLayout, padded_chunk_layout, qkv_rows
+from modelpar.models.gpt_parallel import qkv_rows
+from modelpar.runtime.tensor_parallel import ShardLayout, padded_chunk_layout
 from modelpar.runtime.zero import AdamW, ZeroOneAdamW, decay_matrices
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
 from modelpar.specs.plan import complete_plan

@@ -9,7 +9,8 @@ import torch
 
 from modelpar.models.gpt import init_gpt
 from modelpar.models.gpt_parallel import check_tensor_parallel, tensor_parallel_plan
-from modelpar.runtime.tensor_parallel import ShardLayout, chunk_indices, kv_heads_of_rank, qkv_rows
+from modelpar.models.gpt_parallel import kv_heads_of_rank, qkv_rows
+from modelpar.runtime.tensor_parallel import ShardLayout, chunk_indices
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import MODEL_PRESETS
 

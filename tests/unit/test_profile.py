@@ -22,7 +22,8 @@ from modelpar.planner import prediction
 from modelpar.schedules.actions import build_schedule
 from modelpar.specs import CLUSTER_PRESETS, MODEL_PRESETS, ClusterSpec, ParallelPlan, SpecError, load_cluster
 from modelpar.specs.cluster import DeviceSpec, SharedHostProfile
-from modelpar.specs.local import load_local_cluster, local_profile_path, save_local_cluster
+from modelpar.specs.io import load_local_cluster
+from modelpar.specs.local import local_profile_path, save_local_cluster
 
 HOST = {"cpu": "test-cpu", "cores": 2, "memory_gib": 8.0}
 SMALL = MODEL_PRESETS["gpt-small-cpu"]

@@ -13,6 +13,8 @@ from modelpar.planner import cost
 from modelpar.planner.memory import memory_per_device
 from modelpar.schedules.simulate import simulate
 from modelpar.report.memory_plot import memory_png
+from modelpar.report import memory_plot
+from modelpar.report.timeline import chunk_colours, event_colour
 from modelpar.report.timeline import (
     TimelineEvent,
     chrome_trace,
@@ -252,3 +254,61 @@ def test_modules_import_without_torch_or_matplotlib():
             "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- picture details ----------------------------------------------------------------------------
+
+
+def _luminance(colour: str) -> float:
+    red, green, blue = (int(colour[k:k + 2], 16) / 255 for k in (1, 3, 5))
+    return 0.2126 * red + 0.7152 * green + 0.0722 * blue
+
+
+def test_every_chunk_has_its_own_light_forward_and_dark_backward_colour():
+    pairs = [chunk_colours(chunk) for chunk in range(128)]
+    colours = [colour for pair in pairs for colour in pair]
+    assert len(set(colours)) == len(colours)
+    assert all(_luminance(light) > _luminance(dark) + 0.2 for light, dark in pairs)
+    forward = [event_colour(TimelineEvent(0, "F0", "forward", 0.0, 1.0, 0, chunk)) for chunk in range(8)]
+    backward = [event_colour(TimelineEvent(0, "B0", "backward", 0.0, 1.0, 0, chunk)) for chunk in range(8)]
+    assert len(set(forward + backward)) == 16  # chunk 0 and chunk 4 no longer share a colour
+
+
+def test_pictures_return_the_path_they_wrote(tmp_path):
+    events = events_from_simulation(simulated("interleaved", 4, 8, 2))
+    written = gantt_png(events, tmp_path / "gantt")
+    assert written == tmp_path / "gantt.png" and assert_png(written)
+    assert not (tmp_path / "gantt").exists()
+    written = side_by_side_png(events, events, tmp_path / "run.v2")
+    assert written == tmp_path / "run.v2.png" and assert_png(written)
+    assert gantt_png(events, tmp_path / "kept.png") == tmp_path / "kept.png"
+    breakdowns = [memory_per_device(load_model("gpt-tiny"), plan(), 2**30, (4, 3, 2, 1), stage=r) for r in range(4)]
+    assert memory_png(breakdowns, tmp_path / "memory", device_bytes=2**31) == tmp_path / "memory.png"
+
+
+def test_simulate_reports_the_png_it_wrote(tmp_path, capsys):
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan("1f1b", 4, 8).to_dict()))
+    argv = ["--plan", str(plan_path), "--model", "gpt-tiny", "--cluster", "dgx-a100-80gb",
+            "--png", str(tmp_path / "gantt"), "--memory-png", str(tmp_path / "memory"), "--json"]
+    assert run_simulate(argv) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["png"] == str(tmp_path / "gantt.png") and assert_png(tmp_path / "gantt.png")
+    assert document["memory_png"] == str(tmp_path / "memory.png") and assert_png(tmp_path / "memory.png")
+
+
+def test_memory_chart_limit_is_the_usable_capacity_estimate_uses(tmp_path, monkeypatch):
+    drawn = {}
+
+    def fake_memory_png(breakdowns, path, title="", stage_labels=None, dpi=130, device_bytes=None):
+        drawn.update(breakdowns=breakdowns, device_bytes=device_bytes)
+        return tmp_path / "memory.png"
+
+    monkeypatch.setattr(memory_plot, "memory_png", fake_memory_png)
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan("1f1b", 4, 8).to_dict()))
+    run_simulate(["--plan", str(plan_path), "--model", "gpt-tiny", "--cluster", "dgx-a100-80gb",
+                  "--memory-png", str(tmp_path / "memory.png"), "--json"])
+    cluster = load_cluster("dgx-a100-80gb")
+    assert drawn["breakdowns"][0].capacity == pytest.approx(cost.usable_memory_bytes(cluster))
+    assert drawn["device_bytes"] == cluster.device.memory_bytes > drawn["breakdowns"][0].capacity

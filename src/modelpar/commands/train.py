@@ -112,7 +112,7 @@ def write_pictures(summary: dict, model, plan: ParallelPlan, cluster, png: str |
     if png:
         predicted = []
         if cluster is None:
-            from modelpar.specs.local import load_local_cluster
+            from modelpar.specs.io import load_local_cluster
 
             try:
                 cluster = load_local_cluster()

@@ -162,3 +162,11 @@ def norm_statistics_bytes(model_spec: ModelSpec, micro_batch_size: int, tensor_p
         return 0.0
     tokens = micro_batch_size * model_spec.seq_length / (tensor_parallel if sequence_parallel else 1)
     return 2 * 2 * 4 * tokens
+
+
+def layer_activation_bytes(model, plan, dtype: str, ctx) -> float:
+    """Saved-for-backward bytes of one layer and micro-batch as `plan` trains it
+    (`measure_activation_bytes_per_layer`; collective over the tensor group: every rank calls it)."""
+    return measure_activation_bytes_per_layer(model, plan.micro_batch_size, plan.tensor_parallel,
+                                              bool(plan.sequence_parallel) and plan.tensor_parallel > 1,
+                                              plan.recompute, dtype, ctx)

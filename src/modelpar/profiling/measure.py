@@ -274,7 +274,7 @@ class _LayerStack:
 
     def __init__(self, bench: _Bench, shape: tuple, dropout: float = 0.0, split: bool = False) -> None:
         from modelpar.models.gpt import DropoutKey, TransformerLayer
-        from modelpar.runtime.tensor_parallel import ParallelAttention, ParallelMLP
+        from modelpar.models.gpt_parallel import ParallelAttention, ParallelMLP
 
         hidden, heads, mlp, seq, batch = shape
         spec = reference_layer_spec(hidden, heads, mlp, seq, dropout)

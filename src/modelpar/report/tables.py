@@ -165,7 +165,9 @@ def print_estimate(estimate, model, cluster, num_devices: int) -> None:
     for key in MEMORY_KEYS:
         mem_table.add_row(key, f"{getattr(mem, key) / GIB:.2f}")
     mem_table.add_row("total", f"{mem.total / GIB:.2f}")
-    mem_table.add_row("capacity", f"{mem.capacity / GIB:.2f}")
+    device_gib = cluster.device.memory_gib
+    mem_table.add_row(f"usable capacity ({mem.capacity / cluster.device.memory_bytes:.0%} of {device_gib:g} GiB)",
+                      f"{mem.capacity / GIB:.2f}")
     console.print(mem_table)
     if not mem.fits:
         console.print(f"[red]does not fit: {mem.shortfall / GIB:.2f} GiB over[/red]")

@@ -38,9 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modelpar.models.gpt_parallel import full_grads, full_state_dict, shard_layouts
 from modelpar.runtime.pipeline import PipelineChunk
-from modelpar.runtime.tensor_parallel import ShardLayout
+from modelpar.runtime.tensor_parallel import ShardLayout, full_grads, full_state_dict, shard_layouts
 from modelpar.specs.errors import SpecError
 
 FORMAT = "modelpar-checkpoint"
@@ -269,18 +268,6 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint.from_payload(payload, path)
 
 
-def read_checkpoint_for(path: str | os.PathLike, spec) -> Checkpoint:
-    """`read_checkpoint`, and SpecError unless every tensor fits a GPT of `spec` (ModelSpec)."""
-    from modelpar.models.gpt import init_gpt
-
-    checkpoint = read_checkpoint(path)
-    wrong = checkpoint.first_mismatch(init_gpt(spec, 0))
-    if wrong is not None:
-        raise SpecError(f"--load-checkpoint {path}: does not match model '{spec.name}' (first difference: "
-                        f"{wrong}); load a checkpoint of the same model")
-    return checkpoint
-
-
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(serial state dict, metadata) from a file written by `save_checkpoint` (`read_checkpoint`
     gives everything)."""
@@ -288,6 +275,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return checkpoint.model, checkpoint.metadata
 
 
-__all__ = ["Checkpoint", "gather_checkpoint", "save_checkpoint", "read_checkpoint", "read_checkpoint_for",
+__all__ = ["Checkpoint", "gather_checkpoint", "save_checkpoint", "read_checkpoint",
            "load_checkpoint",
            "gather_full_state_dict", "gather_full_gradients", "gather_parameter_tensors", "shard_parameter_tensors"]

@@ -215,14 +215,4 @@ def model_state_bytes(modules: nn.Module, optimizer, reducers=()) -> dict[str, i
     return {"parameters": parameters, "gradients": gradients, "optimizer_states": optimizer_states}
 
 
-def layer_activation_bytes(model, plan, dtype: str, ctx) -> float:
-    """Saved-for-backward bytes of one layer and micro-batch as `plan` trains it
-    (`runtime.memory_probe`; collective over the tensor group: every rank calls it)."""
-    from modelpar.models.memory_probe import measure_activation_bytes_per_layer
-
-    return measure_activation_bytes_per_layer(model, plan.micro_batch_size, plan.tensor_parallel,
-                                              bool(plan.sequence_parallel) and plan.tensor_parallel > 1,
-                                              plan.recompute, dtype, ctx)
-
-
-__all__ = ["COLLECTIVE_KIND", "LAUNCH_KIND", "timed_collectives", "ActivationTracker", "model_state_bytes", "layer_activation_bytes"]
+__all__ = ["COLLECTIVE_KIND", "LAUNCH_KIND", "timed_collectives", "ActivationTracker", "model_state_bytes"]

@@ -9,7 +9,8 @@ become all-gather / reduce-scatter along the sequence.
 
 Every sharded parameter records a `ShardLayout` (which global indices along which dim each rank
 holds), so any layout can be gathered back into the serial state dict and re-sliced
-(`modelpar.models.gpt_parallel`). Layers are built from the serial modules by slicing their weights.
+(`full_state_dict`, `load_full_state_dict`). Layers are built from the serial modules by slicing their
+weights; the GPT's blocks made of them are `modelpar.models.gpt_parallel`.
 
 Vocabulary padding (Megatron-LM's ``--make-vocab-size-divisible-by``): a vocabulary V that t does
 not divide is padded to t ceil(V / t) rows (`padded_chunk_layout`). The padding rows of the
@@ -28,13 +29,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from modelpar.models.gpt import (AttentionCore, DropoutSite, Embedding, LMHead, MLP, SelfAttention, attention_inputs,
-                                 keyed_dropout, merge_heads, mlp_activation)
 from modelpar.runtime.collectives import (SEQUENCE_DIM, _all_gather, gather_last_dim,
                                           reduce_from_tensor_region_in_place, reduce_scatter_sequence,
                                           start_all_gather, start_all_reduce, start_reduce_scatter)
 from modelpar.runtime.data_parallel import default_grad_of
-from modelpar.runtime.sequence_parallel import mark_module_sequence_parallel, mark_sequence_parallel, sequence_offset
+from modelpar.runtime.mesh import ParallelContext
+from modelpar.runtime.sequence_parallel import mark_sequence_parallel
+from modelpar.specs.errors import SpecError
 
 
 @dataclass(frozen=True, eq=False)
@@ -320,160 +321,6 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vo
     return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, group, vocab_size)
 
 
-# ------------------------------------------------------------------------------------------------
-# Transformer blocks
-# ------------------------------------------------------------------------------------------------
-
-
-class ParallelEmbedding(nn.Module):
-    """Embedding with a vocab-parallel token table; replicated learned positions; keyed dropout.
-    Output [b, s, h] replicated, or [b, s/t, h] shards under sequence parallelism."""
-
-    def __init__(self, token: VocabParallelEmbedding, position: nn.Embedding | None, dropout: float, group,
-                 sequence_parallel: bool):
-        super().__init__()
-        self.token = token
-        self.position = position
-        self.dropout = dropout
-        self.group = group
-        self.sequence_parallel = sequence_parallel
-        if position is not None and sequence_parallel:
-            mark_module_sequence_parallel(position)
-
-    @classmethod
-    def from_serial(cls, embedding: Embedding, group, sequence_parallel: bool) -> "ParallelEmbedding":
-        token = VocabParallelEmbedding.from_embedding(embedding.token, group, sequence_parallel)
-        return cls(token, embedding.position, embedding.dropout, group, sequence_parallel)
-
-    def forward(self, tokens: torch.Tensor, dropout_key=None) -> torch.Tensor:
-        hidden = self.token(tokens)
-        offset = sequence_offset(hidden.shape[1], self.group, self.sequence_parallel)
-        if self.position is not None:
-            hidden = hidden + self.position.weight[offset: offset + hidden.shape[1]]
-        return keyed_dropout(hidden, self.dropout, dropout_key, -1, DropoutSite.EMBEDDING, self.training,
-                             offsets=(0, offset, 0))
-
-
-def kv_heads_of_rank(num_heads: int, num_kv_heads: int, world: int, rank: int) -> list[int]:
-    """K/V heads a tensor rank needs: kv/t consecutive heads, or, when t > kv (t % kv == 0), the one
-    head shared by its query heads (replicated on t / kv ranks, as Megatron does)."""
-    if num_kv_heads >= world:
-        per_rank = num_kv_heads // world
-        return list(range(rank * per_rank, (rank + 1) * per_rank))
-    return [rank * num_kv_heads // world]
-
-
-def qkv_rows(num_heads: int, num_kv_heads: int, head_dim: int, world: int) -> tuple[torch.Tensor, ...]:
-    """Per rank, the rows of the fused [Q | K | V] weight it keeps: its query heads, then its K and V heads."""
-    heads_per_rank = num_heads // world
-    rows = []
-    for rank in range(world):
-        q_heads = range(rank * heads_per_rank, (rank + 1) * heads_per_rank)
-        kv = kv_heads_of_rank(num_heads, num_kv_heads, world, rank)
-        k_base, v_base = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
-        index = [h * head_dim + j for h in q_heads for j in range(head_dim)]
-        index += [k_base + h * head_dim + j for h in kv for j in range(head_dim)]
-        index += [v_base + h * head_dim + j for h in kv for j in range(head_dim)]
-        rows.append(torch.tensor(index, dtype=torch.int64))
-    return tuple(rows)
-
-
-class ParallelAttention(nn.Module):
-    """Self-attention split by heads: this rank computes heads [r a/t, (r+1) a/t) with their K/V heads,
-    then the row-parallel output projection sums over ranks."""
-
-    def __init__(self, qkv: ColumnParallelLinear, core: AttentionCore, proj: RowParallelLinear, num_heads: int,
-                 num_kv_heads: int, head_dim: int, rope: bool, dropout: float, layer_index: int, group,
-                 sequence_parallel: bool):
-        super().__init__()
-        self.qkv, self.core, self.proj = qkv, core, proj
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rope, self.dropout, self.layer_index = rope, dropout, layer_index
-        self.group, self.sequence_parallel = group, sequence_parallel
-
-    @classmethod
-    def from_serial(cls, attention: SelfAttention, group, sequence_parallel: bool) -> "ParallelAttention":
-        world, rank = dist.get_world_size(group), _rank(group)
-        heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
-        qkv = ColumnParallelLinear.from_linear(attention.qkv, group, qkv_rows(heads, kv_heads, head_dim, world),
-                                               sequence_parallel)
-        proj = RowParallelLinear.from_linear(attention.proj, group, sequence_parallel=sequence_parallel)
-        core = AttentionCore(attention.core.dropout, attention.layer_index, head_offset=rank * heads // world,
-                             fused=attention.core.fused)
-        local_kv = len(kv_heads_of_rank(heads, kv_heads, world, rank))
-        return cls(qkv, core, proj, heads // world, local_kv, head_dim, attention.rope, attention.dropout,
-                   attention.layer_index, group, sequence_parallel)
-
-    def forward(self, x: torch.Tensor, dropout_key=None) -> torch.Tensor:
-        q, k, v = attention_inputs(self.qkv(x), self.num_heads, self.num_kv_heads, self.head_dim, self.rope)
-        y = self.proj(merge_heads(self.core(q, k, v, dropout_key)))
-        offset = sequence_offset(y.shape[1], self.group, self.sequence_parallel)
-        return keyed_dropout(y, self.dropout, dropout_key, self.layer_index, DropoutSite.ATTENTION_OUTPUT,
-                             self.training, offsets=(0, offset, 0))
-
-
-class ParallelMLP(nn.Module):
-    """Column-parallel fc1 (for SwiGLU: this rank's gate rows then its up rows), activation, row-parallel fc2."""
-
-    def __init__(self, fc1: ColumnParallelLinear, fc2: RowParallelLinear, activation: str, dropout: float,
-                 layer_index: int, group, sequence_parallel: bool):
-        super().__init__()
-        self.fc1, self.fc2 = fc1, fc2
-        self.activation, self.dropout, self.layer_index = activation, dropout, layer_index
-        self.group, self.sequence_parallel = group, sequence_parallel
-
-    @classmethod
-    def from_serial(cls, mlp: MLP, group, sequence_parallel: bool) -> "ParallelMLP":
-        world = dist.get_world_size(group)
-        ffn = mlp.fc2.in_features
-        rows = chunk_indices(ffn, world)
-        if mlp.activation == "swiglu":
-            rows = tuple(torch.cat([chunk, chunk + ffn]) for chunk in rows)
-        fc1 = ColumnParallelLinear.from_linear(mlp.fc1, group, rows, sequence_parallel)
-        fc2 = RowParallelLinear.from_linear(mlp.fc2, group, sequence_parallel=sequence_parallel)
-        return cls(fc1, fc2, mlp.activation, mlp.dropout, mlp.layer_index, group, sequence_parallel)
-
-    def forward(self, x: torch.Tensor, dropout_key=None) -> torch.Tensor:
-        y = self.fc2(mlp_activation(self.fc1(x), self.activation))
-        offset = sequence_offset(y.shape[1], self.group, self.sequence_parallel)
-        return keyed_dropout(y, self.dropout, dropout_key, self.layer_index, DropoutSite.MLP_OUTPUT, self.training,
-                             offsets=(0, offset, 0))
-
-
-class ParallelLMHead(nn.Module):
-    """Final norm (on sequence shards under SP), vocab-parallel output projection (padded
-    vocabulary: `padded_chunk_layout`), vocab-parallel cross-entropy; the full logits are never
-    materialised. ``targets`` are the full [b, s]."""
-
-    def __init__(self, norm: nn.Module, output: ColumnParallelLinear, group):
-        super().__init__()
-        self.norm, self.output, self.group = norm, output, group
-
-    @property
-    def vocab_start(self) -> int:
-        return _rank(self.group) * self.output.weight.shape[0]  # contiguous equal chunks
-
-    @property
-    def vocab_size(self) -> int:
-        """The unpadded vocabulary V."""
-        return self.output.shard_layouts["weight"].full_size
-
-    @classmethod
-    def from_serial(cls, head: LMHead, group, sequence_parallel: bool) -> "ParallelLMHead":
-        layout = padded_chunk_layout(head.output.out_features, dist.get_world_size(group))
-        output = ColumnParallelLinear(layout.shard(head.output.weight, _rank(group)), None, group, layout,
-                                      sequence_parallel)
-        return cls(head.norm, output, group)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full logits [b, s, V] (gathered, padding dropped; for evaluation and sampling only)."""
-        return gather_last_dim(self.output(self.norm(hidden)), self.group)[..., : self.vocab_size]
-
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.output(self.norm(hidden))
-        return vocab_parallel_cross_entropy(logits, targets, self.vocab_start, self.group, self.vocab_size).mean()
-
-
 @torch.no_grad()
 def allreduce_replicated_grads(model: nn.Module, group, grad_of=default_grad_of) -> None:
     """Sum, over the ranks holding it, the gradient of every replicated shard index (K/V heads kept by
@@ -497,3 +344,72 @@ def allreduce_replicated_grads(model: nn.Module, group, grad_of=default_grad_of)
             buffer.index_add_(layout.dim, slots, grad.index_select(layout.dim, local_positions))
             dist.all_reduce(buffer, group=group)
             grad.index_copy_(layout.dim, local_positions, buffer.index_select(layout.dim, slots))
+
+
+def shard_layouts(model: nn.Module) -> dict[str, ShardLayout]:
+    """{parameter name: ShardLayout} for every tensor-parallel parameter (names as in state_dict)."""
+    layouts = {}
+    for module_name, module in model.named_modules():
+        for param_name, layout in getattr(module, "shard_layouts", {}).items():
+            layouts[f"{module_name}.{param_name}" if module_name else param_name] = layout
+    return layouts
+
+
+def shard_layouts_by_parameter(model: nn.Module) -> dict[int, ShardLayout]:
+    """{id(parameter): ShardLayout} for every tensor-parallel parameter (a tied weight appears once)."""
+    layouts = {}
+    for module in model.modules():
+        for param_name, layout in getattr(module, "shard_layouts", {}).items():
+            layouts[id(getattr(module, param_name))] = layout
+    return layouts
+
+
+def _gather(local: torch.Tensor, layout: ShardLayout, group) -> torch.Tensor:
+    """The serial tensor (vocabulary padding dropped) from every tensor rank's shard. Collective."""
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return layout.assemble(parts)
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    """The serial model's state dict (CPU tensors), gathered over the tensor group. Collective: call
+    on every tensor rank. Keys are those of the (sub-)model passed in."""
+    layouts = shard_layouts(model)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        full = _gather(tensor, layouts[name], ctx.tensor_group) if name in layouts else tensor
+        state[name] = full.detach().cpu().clone()
+    return state
+
+
+@torch.no_grad()
+def full_grads(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    """Gradients of the serial parameters (CPU), gathered over the tensor group; call after
+    `sync_tensor_parallel_grads`. Shared (tied) parameters appear once, under their first name.
+    bf16 training: the fp32 ``main_grad`` (`data_parallel.default_grad_of`)."""
+    layouts = shard_layouts(model)
+    grads = {}
+    for name, param in model.named_parameters():
+        grad = default_grad_of(param)
+        if grad is None:
+            continue
+        full = _gather(grad, layouts[name], ctx.tensor_group) if name in layouts else grad
+        grads[name] = full.detach().cpu().clone()
+    return grads
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ctx: ParallelContext) -> None:
+    """Load a serial state dict into any layout, slicing each sharded tensor for this tensor rank."""
+    layouts = shard_layouts(model)
+    own = model.state_dict(keep_vars=True)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise SpecError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                        f"load a checkpoint of the same model spec")
+    for name, target in own.items():
+        source = state[name]
+        if name in layouts:
+            source = layouts[name].shard(source, ctx.tensor_rank)
+        target.copy_(source.to(target.device, target.dtype))

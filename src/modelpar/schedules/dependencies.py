@@ -82,15 +82,21 @@ def key_of(action: Action, rank: int, num_stages: int) -> Key:
     return (action.kind, global_stage(rank, action.chunk, num_stages), action.micro_batch)
 
 
+def stage_needs(kind: str, stage: int, num_global_stages: int) -> tuple[tuple[str, int], ...]:
+    """(kind, global stage) of the actions on the same micro-batch that an action of `kind` on
+    global stage `stage` needs (module rule): a backward's own forward first, then the
+    neighbouring stage's action whose output it consumes."""
+    source = stage - _FLOW[kind]
+    neighbour = ((kind, source),) if 0 <= source < num_global_stages else ()
+    return ((FORWARD, stage),) + neighbour if kind == BACKWARD else neighbour
+
+
 def needs(action: Action, rank: int, num_stages: int, num_global_stages: int) -> tuple[Need, ...]:
-    """The actions that must have run before `action` on pipeline rank `rank` (module rule):
-    a backward's own forward first, then the neighbouring stage's action whose output it consumes."""
-    stage, i = global_stage(rank, action.chunk, num_stages), action.micro_batch
-    own = (Need((FORWARD, stage, i), False),) if action.kind == BACKWARD else ()
-    source = stage - _FLOW[action.kind]
-    if not 0 <= source < num_global_stages:
-        return own
-    return own + (Need((action.kind, source, i), source % num_stages != rank),)
+    """The actions that must have run before `action` on pipeline rank `rank` (`stage_needs`), each
+    with whether it runs on another rank."""
+    i = action.micro_batch
+    return tuple(Need((kind, stage, i), stage % num_stages != rank) for kind, stage in
+                 stage_needs(action.kind, global_stage(rank, action.chunk, num_stages), num_global_stages))
 
 
 def receives(action: Action, rank: int, num_stages: int, num_global_stages: int) -> Message | None:
@@ -112,4 +118,4 @@ def produces(action: Action, rank: int, num_stages: int, num_global_stages: int)
 
 
 __all__ = ["ACTIVATION", "GRADIENT", "Key", "Message", "Need", "PipelineDeadlock", "key_of", "needs", "produces",
-           "receives"]
+           "receives", "stage_needs"]

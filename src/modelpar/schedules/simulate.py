@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from itertools import accumulate, chain
-from typing import Callable, NamedTuple, Sequence, Union
+from typing import Callable, Sequence, Union
 
 from modelpar.schedules.actions import Action, build_schedule, global_stage
 from modelpar.schedules.dependencies import Message, PipelineDeadlock, needs, produces, receives
@@ -296,10 +296,13 @@ def _rank_program(rank, codes, duration, layout, ended, began, waiter, ready, la
     The driver resumes it once that action has run (`waiter`). Keeping each rank's state in its
     own generator frame makes a block-and-resume cost about as much as one action.
     """
-    num_codes = layout.num_codes
-    (forward_rank, forward_needed, forward_lag), (backward_rank, backward_needed, backward_lag) = (
-        edge.in_codes(layout.chunk_stride, num_codes, lag)
-        for edge in _code_rule(rank, layout.num_ranks, layout.num_chunks))
+    stride = layout.chunk_stride
+    (forward_rank, forward_shift, forward_from, forward_to), (backward_rank, backward_shift, backward_from,
+                                                              backward_to), remote = _code_rule(
+        rank, layout.num_ranks, layout.num_chunks)
+    forward_shift, forward_from, forward_to = forward_shift * stride, forward_from * stride, forward_to * stride
+    backward_shift, backward_from, backward_to = backward_shift * stride, backward_from * stride, backward_to * stride
+    lag = lag if remote else 0.0
     own, own_began, own_waiter = ended[rank], began[rank], waiter[rank]
     forward_ended, backward_ended = ended[forward_rank], ended[backward_rank]
     t = 0.0
@@ -308,15 +311,17 @@ def _rank_program(rank, codes, duration, layout, ended, began, waiter, ready, la
         if code & 1:  # backward: needs the own forward (run earlier here, so done by t), then the gradient
             if own[code - 1] < 0:
                 yield rank, code - 1  # the forward comes later in this same list: never resumed, a deadlock
-            neighbour, neighbour_ended, needed, edge_lag = backward_rank, backward_ended, backward_needed[code], backward_lag
+            neighbour, neighbour_ended, needed = backward_rank, backward_ended, code - backward_shift
+            needs_neighbour = backward_from <= code < backward_to
         else:  # forward: needs the previous stage's activation
-            neighbour, neighbour_ended, needed, edge_lag = forward_rank, forward_ended, forward_needed[code], forward_lag
-        if needed >= 0:  # not the first stage's forward nor the last stage's backward
+            neighbour, neighbour_ended, needed = forward_rank, forward_ended, code - forward_shift
+            needs_neighbour = forward_from <= code < forward_to
+        if needs_neighbour:  # not the first stage's forward nor the last stage's backward
             done = neighbour_ended[needed]
             if done < 0:
                 yield neighbour, needed
                 done = neighbour_ended[needed]
-            done += edge_lag
+            done += lag
             if done > start:
                 start = done
         t = start + duration[code]
@@ -328,49 +333,34 @@ def _rank_program(rank, codes, duration, layout, ended, began, waiter, ready, la
     free_at[rank] = t
 
 
-class _Edge(NamedTuple):
-    """The need of one kind of action on a neighbouring stage, in chunks: chunks first..end-1 of
-    the rank need, on `rank`, the action `chunks` chunks lower with kind bit `bits` lower."""
-
-    bit: int  # of the needing actions: 0 forward, 1 backward
-    rank: int
-    chunks: int
-    bits: int
-    first: int
-    end: int
-    remote: bool
-
-    def in_codes(self, stride: int, num_codes: int, lag: float) -> tuple[int, list[int], float]:
-        """(rank, per code of this kind the needed code there or -1, time added) with 2m codes a chunk."""
-        needed = [-1] * num_codes
-        shift = self.chunks * stride + self.bits
-        first, end = self.first * stride + self.bit, self.end * stride
-        needed[first:end:2] = range(first - shift, end - shift, 2)
-        return self.rank, needed, lag if self.remote else 0.0
-
-
 @functools.lru_cache(maxsize=1024)
-def _code_rule(rank: int, num_ranks: int, num_chunks: int) -> tuple[_Edge, _Edge]:
-    """`dependencies.needs` of `rank`'s forwards and backwards, in the shape `_rank_program` runs:
-    a backward needs its own forward, and either kind at most one action on a neighbouring stage,
-    the same micro-batch on a contiguous run of chunks (raises NotImplementedError otherwise)."""
-    edges = []
+def _code_rule(rank: int, num_ranks: int, num_chunks: int, num_micro_batches: int) -> tuple:
+    """`dependencies.needs` of `rank`'s actions as `_rank_program` runs them: (the rank a forward's
+    need runs on, per code the code it needs there or -1, the same two for a backward, whether
+    those ranks are another rank). A backward also needs its own forward, code - 1. Built from the
+    needs of micro-batch 0 of each chunk (shared tables: never modified); raises
+    NotImplementedError for a rule of another shape."""
+    stride, num_global = 2 * num_micro_batches, num_ranks * num_chunks
+    rule, remotes = [], set()
     for kind, bit in _KIND_BIT.items():
-        found: dict[tuple, list[int]] = {}
-        own_forward = 0
+        owners, needed, own_forwards = set(), [-1] * (num_chunks * stride), 0
         for chunk in range(num_chunks):
-            for (needed, stage, micro_batch), remote in needs(Action(kind, chunk, 0), rank, num_ranks,
-                                                              num_ranks * num_chunks):
-                edge = (stage % num_ranks, chunk - stage // num_ranks, bit - _KIND_BIT[needed], micro_batch, remote)
-                if edge[:4] == (rank, 0, 1, 0):
-                    own_forward += 1
+            code, others = chunk * stride + bit, []
+            for (needed_kind, stage, micro_batch), remote in needs(Action(kind, chunk, 0), rank, num_ranks, num_global):
+                owner, needed_code = stage % num_ranks, stage // num_ranks * stride + 2 * micro_batch + _KIND_BIT[needed_kind]
+                if (owner, needed_code) == (rank, code - 1):
+                    own_forwards += 1
                 else:
-                    found.setdefault(edge, []).append(chunk)
-        (owner, chunks, bits, micro_batch, remote), run = next(iter(found.items()), ((rank, 0, 0, 0, False), [0]))
-        if len(found) > 1 or micro_batch or run != list(range(run[0], run[-1] + 1)) or own_forward != bit * num_chunks:
-            raise NotImplementedError(f"simulate: the dependency rule of rank {rank} is not one simulate can run")
-        edges.append(_Edge(bit, owner, chunks, bits, run[0], run[-1] + 1 if found else run[0], remote))
-    return edges[0], edges[1]
+                    others.append((owner, needed_code, micro_batch, remote))
+            for owner, needed_code, micro_batch, remote in others:
+                owners.add(owner), remotes.add(remote)
+                needed[code:code + stride:2] = range(needed_code, needed_code + stride, 2)
+            if len(others) > 1 or any(micro_batch for _, _, micro_batch, _ in others):
+                raise NotImplementedError(f"simulate: {kind}(chunk {chunk}) on rank {rank} has needs it cannot run")
+        if len(owners) > 1 or len(remotes) > 1 or own_forwards != bit * num_chunks:
+            raise NotImplementedError(f"simulate: the {kind} needs of rank {rank} are not of a shape it can run")
+        rule += [owners.pop() if owners else rank, needed]
+    return (*rule, remotes == {True})
 
 
 def _durations(rank_actions, rank_codes, num_codes: int, forward_time: Duration, backward_time: Duration):

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from modelpar.specs.cluster import CLUSTER_PRESETS, ClusterSpec, DeviceSpec
 from modelpar.specs.errors import SpecError
+from modelpar.specs.local import local_profile_path
 from modelpar.specs.model import MODEL_PRESETS, ModelSpec
 from modelpar.specs.plan import ParallelPlan
 
@@ -134,8 +135,6 @@ def load_cluster(name_or_path: str | dict) -> ClusterSpec:
     if isinstance(name_or_path, dict):
         return from_dict(ClusterSpec, name_or_path, "cluster")
     if name_or_path == "local":
-        from modelpar.specs.local import load_local_cluster  # profiled machine, cached on disk
-
         return load_local_cluster()
     if _looks_like_file(name_or_path):
         return from_dict(ClusterSpec, read_json(name_or_path), f"{name_or_path}")
@@ -155,4 +154,16 @@ def load_plan(path_or_dict: str | dict) -> ParallelPlan:
     return from_dict(ParallelPlan, data, where)
 
 
-__all__ = ["from_dict", "read_json", "load_model", "load_cluster", "load_plan", "DeviceSpec"]
+def load_local_cluster(path: str | os.PathLike | None = None) -> ClusterSpec:
+    """The cached profile of this machine; SpecError when there is none or it is unreadable."""
+    source = Path(path) if path is not None else local_profile_path()
+    if not source.is_file():
+        raise SpecError(f"no local profile: run `modelpar profile` first (looked for {source})")
+    data = read_json(source)
+    try:
+        return from_dict(ClusterSpec, data, f"local profile {source}")
+    except SpecError as error:
+        raise SpecError(f"{error} (re-run `modelpar profile` to rebuild it)") from None
+
+
+__all__ = ["from_dict", "read_json", "load_model", "load_cluster", "load_plan", "load_local_cluster", "DeviceSpec"]

@@ -1,7 +1,7 @@
 """The profiled local machine as a cluster spec: `--cluster local`.
 
 `modelpar profile` measures this machine (`modelpar.profiling.measure`) and caches the result as an
-ordinary ClusterSpec JSON file, loadable like any other (`--cluster PATH`):
+ordinary ClusterSpec JSON file, loadable like any other (`--cluster PATH`; `specs.io.load_local_cluster`):
 
     $MODELPAR_CACHE/local_cluster.json        when MODELPAR_CACHE is set (a directory)
     $XDG_CACHE_HOME/modelpar/local_cluster.json, else ~/.cache/modelpar/local_cluster.json
@@ -55,19 +55,4 @@ def save_local_cluster(cluster: ClusterSpec, path: str | os.PathLike | None = No
     return target
 
 
-def load_local_cluster(path: str | os.PathLike | None = None) -> ClusterSpec:
-    """The cached profile of this machine; SpecError when there is none or it is unreadable."""
-    from modelpar.specs.io import from_dict, read_json
-
-    source = Path(path) if path is not None else local_profile_path()
-    if not source.is_file():
-        raise SpecError(f"no local profile: run `modelpar profile` first (looked for {source})")
-    data = read_json(source)
-    try:
-        return from_dict(ClusterSpec, data, f"local profile {source}")
-    except SpecError as error:
-        raise SpecError(f"{error} (re-run `modelpar profile` to rebuild it)") from None
-
-
-__all__ = ["CACHE_ENV", "cache_dir", "local_profile_path", "save_local_cluster", "load_local_cluster",
-           "cluster_to_json"]
+__all__ = ["CACHE_ENV", "cache_dir", "local_profile_path", "save_local_cluster", "cluster_to_json"]

@@ -81,10 +81,23 @@ class TrainConfig:
                                     self.lr_decay_steps, self.min_learning_rate)
 
 
+def read_checkpoint_for(path: str | os.PathLike, spec) -> Checkpoint:
+    """`read_checkpoint`, and SpecError unless every tensor fits a GPT of `spec` (ModelSpec)."""
+    from modelpar.models.gpt import init_gpt
+    from modelpar.runtime.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    wrong = checkpoint.first_mismatch(init_gpt(spec, 0))
+    if wrong is not None:
+        raise SpecError(f"--load-checkpoint {path}: does not match model '{spec.name}' (first difference: "
+                        f"{wrong}); load a checkpoint of the same model")
+    return checkpoint
+
+
+
 def validate_training(config: TrainConfig) -> None:
     """Everything that can be checked before a rank starts; raises SpecError (one line)."""
     from modelpar.training.data import make_token_source
-    from modelpar.runtime.checkpoint import read_checkpoint_for
     from modelpar.runtime.precision import PrecisionPolicy
 
     plan, model = config.plan, config.model
@@ -205,7 +218,7 @@ class RankTrainer:
         """Counting weights of this rank's gradient elements in the global norm (`runtime.grad_norm`),
         and the group that sums them: the world under ZeRO-1 (disjoint shards), else the model group
         (the data replicas hold the same averaged gradients)."""
-        from modelpar.models.gpt_parallel import shard_layouts_by_parameter
+        from modelpar.runtime.tensor_parallel import shard_layouts_by_parameter
         from modelpar.runtime.grad_norm import norm_ranges
 
         counted_elsewhere = self.tied_params if self.ctx.pipeline_rank != 0 else []  # the last stage's copy
@@ -377,8 +390,9 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
     import torch.distributed as dist
 
     from modelpar.runtime.checkpoint import read_checkpoint
-    from modelpar.runtime.instrument import (COLLECTIVE_KIND, LAUNCH_KIND, ActivationTracker,
-                                             layer_activation_bytes, model_state_bytes, timed_collectives)
+    from modelpar.models.memory_probe import layer_activation_bytes
+    from modelpar.runtime.instrument import (COLLECTIVE_KIND, LAUNCH_KIND, ActivationTracker, model_state_bytes,
+                                             timed_collectives)
     from modelpar.runtime.mesh import ParallelContext, ParallelDims
 
     ctx = ParallelContext(ParallelDims.from_plan(config.plan))
@@ -476,7 +490,7 @@ def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT
     backend = default_backend() if torchrun else choose_backend(world)
     cluster_error = None
     if cluster is None and backend == "gloo":  # CPU ranks: this machine's profile, when there is one
-        from modelpar.specs.local import load_local_cluster
+        from modelpar.specs.io import load_local_cluster
 
         try:
             cluster = load_local_cluster()

@@ -1,0 +1,91 @@
+"""The one record of a timed interval on a rank, from the runtime's spans to the reports.
+
+`TimelineEvent` is what the runtime's `Timeline` records (`runtime.timeline`), what the
+planner's simulated step is made of (`planner.schedule_prediction`), what a `modelpar train`
+summary stores (`to_dict`, per rank) and what the comparison (`report.comparison`) and the
+drawings (`report.timeline`) read. Pure Python, like the rest of `schedules`.
+
+Kinds: FORWARD_KIND / BACKWARD_KIND (the compute of a schedule action), RECV_KIND (waiting for an
+action's input), SEND_KIND (launching an action's output), SEND_WAIT_KIND (end of step: waiting
+for the sends), GRAD_SYNC_KIND (the gradient synchronisation after the schedule; drawn and
+predicted as ALLREDUCE_KIND), OPTIMIZER_KIND, COLLECTIVE_KIND (a torch.distributed collective,
+blocking or the wait of an asynchronous one) and LAUNCH_KIND (a zero-length event where an
+asynchronous collective is launched).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from modelpar.schedules.actions import FORWARD, Action, global_stage
+
+FORWARD_KIND = "forward"
+BACKWARD_KIND = "backward"
+RECV_KIND = "recv"
+SEND_KIND = "send"
+SEND_WAIT_KIND = "send_wait"
+GRAD_SYNC_KIND = "grad_sync"
+ALLREDUCE_KIND = "allreduce"
+OPTIMIZER_KIND = "optimizer"
+COLLECTIVE_KIND = "collective"
+LAUNCH_KIND = "collective_launch"
+COMPUTE_KINDS = (FORWARD_KIND, BACKWARD_KIND)
+SYNC_KINDS = (GRAD_SYNC_KIND,)
+SEND_KINDS = (SEND_KIND,)
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One interval on one rank's row, in seconds (the runtime: `time.perf_counter()`, one clock
+    per machine; a simulation: from the step's start).
+
+    `micro_batch`, `chunk` and `stage` (the global pipeline stage) name the schedule action the
+    event belongs to (its compute, or the transfer it receives or sends), None otherwise.
+    `name`: for a collective the label that is equal on every member rank
+    (`runtime.instrument.timed_collectives`), else free text ("" for the runtime's actions; the
+    reports name those from the action fields, `action_label`).
+    """
+
+    rank: int
+    name: str
+    kind: str
+    start_s: float
+    end_s: float
+    micro_batch: int | None = None
+    chunk: int | None = None
+    stage: int | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict; `TimelineEvent(**d)` reads it back."""
+        return asdict(self)
+
+
+def compute_kind(action: Action) -> str:
+    return FORWARD_KIND if action.kind == FORWARD else BACKWARD_KIND
+
+
+def action_label(kind: str, micro_batch: int, chunk: int, several_chunks: bool) -> str:
+    """'F3' / 'B3' for micro-batch 3 ('F' or 'B' `kind`, or the event kinds), with a chunk letter
+    when ranks hold several ('F3a', 'F3b'), as in `schedules.simulate.render_timeline`."""
+    suffix = chr(ord("a") + chunk) if several_chunks else ""
+    return f"{kind[0].upper()}{micro_batch}{suffix}"
+
+
+def events_from_simulation(simulation) -> list[TimelineEvent]:
+    """The forward/backward events of a `schedules.simulate.PipelineSimulation`, 2 m v per rank."""
+    timeline = simulation.timeline
+    several_chunks = any(timed.action.chunk > 0 for row in timeline for timed in row)
+    return [TimelineEvent(timed.rank, action_label(timed.action.kind, timed.action.micro_batch, timed.action.chunk,
+                                                   several_chunks),
+                          compute_kind(timed.action), timed.start, timed.end, timed.action.micro_batch,
+                          timed.action.chunk, global_stage(timed.rank, timed.action.chunk, len(timeline)))
+            for row in timeline for timed in row]
+
+
+__all__ = ["TimelineEvent", "compute_kind", "action_label", "events_from_simulation", "FORWARD_KIND", "BACKWARD_KIND",
+           "RECV_KIND", "SEND_KIND", "SEND_WAIT_KIND", "GRAD_SYNC_KIND", "ALLREDUCE_KIND", "OPTIMIZER_KIND",
+           "COLLECTIVE_KIND", "LAUNCH_KIND", "COMPUTE_KINDS", "SYNC_KINDS", "SEND_KINDS"]
