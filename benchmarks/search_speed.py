@@ -10,15 +10,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from modelpar.planner import cost
-from modelpar.planner import search as search_module
-from modelpar.planner.search import describe_plan, explain_rejections, search
+from modelpar.caching import clear_caches
+from modelpar.planner.search import explain_rejections, search
 from modelpar.specs import CLUSTER_PRESETS, MODEL_PRESETS
-
-
-def clear_caches() -> None:
-    cost.clear_caches()
-    search_module._activation_memory.cache_clear()
 
 
 def main() -> None:
@@ -50,7 +44,7 @@ def main() -> None:
     print(explain_rejections(result))
     if result.plans:
         best = result.plans[0]
-        print(f"best: {describe_plan(best.plan)}: {best.step_time_s:.2f} s/step, MFU {best.mfu:.3f}")
+        print(f"best: {best.plan.describe()}: {best.step_time_s:.2f} s/step, MFU {best.mfu:.3f}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -91,13 +90,15 @@ CASE_TIMEOUT_S = 120
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One layout to train; `start_from_seed`: load the serial init of this seed as a checkpoint
-    (any-layout loading) instead of initialising from `SEED`."""
+    (any-layout loading) instead of initialising from `SEED`; `p2p`: the pipeline p2p mode
+    (`TrainConfig.p2p`; None: the backend's default)."""
 
     name: str
     model: ModelSpec
     plan: ParallelPlan
     dtype: str = "fp32"
     start_from_seed: int | None = None
+    p2p: str | None = None
 
 
 def make_plan(t, p, d, schedule="1f1b", v=1, b=2, m=4, sp=False, recompute="none", zero=0) -> ParallelPlan:
@@ -157,20 +158,19 @@ def run_in_own_groups(rank: int, world_size: int, items: list, store_dir: str, b
 
 
 def train_cases(rank: int, world_size: int, cases: list[Case], store_dir: str, backend: str = "gloo",
-                inspect: Callable | None = None, environment: dict | None = None) -> dict:
+                inspect: Callable | None = None) -> dict:
     """On every rank: train each case whose world includes this rank; rank 0 returns
     {case name: {"losses", "grads" (step 1), "state" (final), "initial_state", "reports", "seconds"}}
     (gradients and weights gathered to the serial layout; None in bf16). `inspect(trainer, ctx)`
     runs after step 1's forward-backward and its picklable value, from every rank, is "reports".
-    `environment` is set first (e.g. the p2p mode). TF32 is off: the comparisons are exact."""
-    os.environ.update(environment or {})
+    TF32 is off: the comparisons are exact."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
     def train(case: Case, ctx: ParallelContext) -> dict:
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        config = TrainConfig(case.model, case.plan, STEPS, SEED, case.dtype, "synthetic", progress=False)
+        config = TrainConfig(case.model, case.plan, STEPS, SEED, case.dtype, "synthetic", progress=False, p2p=case.p2p)
         trainer = RankTrainer(config, ctx, initial_state=initial_state(case))
         fp32 = case.dtype == "fp32"
         initial = trainer.full_state_dict() if fp32 else None
@@ -200,11 +200,11 @@ def launch_with_store(worker: Callable, world_size: int, items: list, timeout_s:
 
 
 def launch_cases(cases: list[Case], world_size: int, timeout_s: float, backend: str = "gloo",
-                 inspect: Callable | None = None, environment: dict | None = None) -> dict:
+                 inspect: Callable | None = None) -> dict:
     """`train_cases` on `world_size` ranks (gloo, or nccl with a GPU per rank); rank 0's results.
     `inspect` must be module-level (it is pickled to the ranks)."""
     with tempfile.TemporaryDirectory() as store_dir:
-        args = (cases, store_dir, backend, inspect, environment)
+        args = (cases, store_dir, backend, inspect)
         return spawn(train_cases, world_size, args, timeout_s=timeout_s, backend=backend)[0]
 
 

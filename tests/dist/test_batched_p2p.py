@@ -1,7 +1,7 @@
 """The batched (NCCL-style) point-to-point path, forced on gloo, trains every schedule exactly like
 the serial GPT.
 
-MODELPAR_P2P=batched makes the pipeline executor issue one tag-0 `batch_isend_irecv` per lockstep
+`TrainConfig.p2p = 'batched'` (`modelpar train --p2p batched`) makes the pipeline executor issue one tag-0 `batch_isend_irecv` per lockstep
 round and wait for it at once, as it does on NCCL. gloo's sends are rendezvous (a send completes
 only once its receive is posted) and, with one tag, a pair's messages match in posting order: so
 this runs the NCCL path's matching and its freedom from hangs, on CPU. The cases cover gpipe,
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import pytest
 
-from modelpar.runtime.pipeline import P2P_ENV
-
 from .harness import Case, launch_cases, make_plan, serial_reference, training_mismatches
 from .test_equivalence import GPT, LLAMA
 
@@ -24,13 +22,14 @@ pytestmark = pytest.mark.dist
 
 WORLD = 4
 CASES = [
-    Case("batched-t1p4d1-gpipe", LLAMA, make_plan(1, 4, 1, "gpipe", b=1, m=6)),
-    Case("batched-t1p4d1-1f1b-m6", GPT, make_plan(1, 4, 1, "1f1b", b=1, m=6)),
-    Case("batched-t1p4d1-1f1b-m2", GPT, make_plan(1, 4, 1, "1f1b", b=1, m=2)),
-    Case("batched-t1p4d1-interleaved-v2", GPT, make_plan(1, 4, 1, "interleaved", v=2, b=1, m=4)),
-    Case("batched-t1p2d2-interleaved-v2-full", GPT, make_plan(1, 2, 2, "interleaved", v=2, b=1, m=4, recompute="full")),
-    Case("batched-t2p2d1-1f1b-sp", LLAMA, make_plan(2, 2, 1, "1f1b", b=1, m=3, sp=True)),
-    Case("batched-t1p2d2-bf16-zero1", LLAMA, make_plan(1, 2, 2, "1f1b", b=1, m=2, zero=1), dtype="bf16"),
+    Case("batched-t1p4d1-gpipe", LLAMA, make_plan(1, 4, 1, "gpipe", b=1, m=6), p2p="batched"),
+    Case("batched-t1p4d1-1f1b-m6", GPT, make_plan(1, 4, 1, "1f1b", b=1, m=6), p2p="batched"),
+    Case("batched-t1p4d1-1f1b-m2", GPT, make_plan(1, 4, 1, "1f1b", b=1, m=2), p2p="batched"),
+    Case("batched-t1p4d1-interleaved-v2", GPT, make_plan(1, 4, 1, "interleaved", v=2, b=1, m=4), p2p="batched"),
+    Case("batched-t1p2d2-interleaved-v2-full", GPT, make_plan(1, 2, 2, "interleaved", v=2, b=1, m=4, recompute="full"),
+         p2p="batched"),
+    Case("batched-t2p2d1-1f1b-sp", LLAMA, make_plan(2, 2, 1, "1f1b", b=1, m=3, sp=True), p2p="batched"),
+    Case("batched-t1p2d2-bf16-zero1", LLAMA, make_plan(1, 2, 2, "1f1b", b=1, m=2, zero=1), dtype="bf16", p2p="batched"),
 ]
 
 
@@ -40,8 +39,7 @@ def _p2p_mode_and_event_kinds(trainer, ctx) -> tuple[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def runs():
-    return launch_cases(CASES, WORLD, timeout_s=300, inspect=_p2p_mode_and_event_kinds,
-                        environment={P2P_ENV: "batched"})
+    return launch_cases(CASES, WORLD, timeout_s=300, inspect=_p2p_mode_and_event_kinds)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

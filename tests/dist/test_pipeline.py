@@ -3,6 +3,7 @@ ranks with its timeline, and a crashing rank reported by `modelpar train` within
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from modelpar.runtime.pipeline import (PipelineExecutor, PipelineTopology, build
 from modelpar.schedules.actions import Action, build_schedule
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import MODEL_PRESETS
-from modelpar.training.trainer import CRASH_RANK_ENV
+from modelpar.commands import train as train_command
 
 from .harness import make_context, mismatch, relative_mismatch, run_ranks
 
@@ -166,7 +167,8 @@ def test_incomplete_action_list_is_refused(schedule_results):
 
 @pytest.mark.dist
 def test_crashing_rank_is_named_within_60_s(monkeypatch, capsys):
-    monkeypatch.setenv(CRASH_RANK_ENV, "1")
+    # fault injection: rank 1 exits abruptly at the start of step 1 (`TrainConfig.crash_rank`)
+    monkeypatch.setattr(train_command, "run_training", functools.partial(train_command.run_training, crash_rank=1))
     started = time.perf_counter()
     code = cli.main(["train", "--model", "gpt-tiny", "--pipeline-parallel", "2", "--steps", "3", "--json"])
     elapsed = time.perf_counter() - started

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from modelpar.caching import clear_caches
 from modelpar.planner import compute, cost, flops
 from modelpar.planner.constants import MATMUL_EFFICIENCY
 from modelpar.planner.cost import check_fits, estimate, pipeline_profile
@@ -37,9 +38,9 @@ def plan(t=1, p=1, d=1, v=1, b=1, batch=8, sp=False, recompute="none", zero=0, s
 @pytest.fixture
 def no_kernel_overhead(monkeypatch):
     monkeypatch.setattr(compute, "KERNEL_OVERHEAD_S", 0.0)
-    cost.clear_caches()
+    clear_caches()
     yield
-    cost.clear_caches()
+    clear_caches()
 
 
 

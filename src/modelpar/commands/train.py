@@ -12,6 +12,7 @@ import sys
 
 from modelpar.commands import flags
 from modelpar.specs import ParallelPlan, SpecError, load_cluster, load_model, load_plan
+from modelpar.schedules.p2p import P2P_MODES
 from modelpar.specs.plan import RUNTIME_ZERO_STAGES, complete_plan
 from modelpar.training.trainer import (DEFAULT_CLIP_GRAD, DEFAULT_LEARNING_RATE, DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY,
                                        run_training)
@@ -50,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-checkpoint", metavar="PATH",
                         help="save the final weights, AdamW state and step count (serial layout, loads into any plan)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are declared stuck")
+    parser.add_argument("--p2p", choices=P2P_MODES, help="pipeline point-to-point: 'tagged' (gloo's tag matching, "
+                        "the gloo default) or 'batched' (one batch_isend_irecv per lockstep round, the NCCL default)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     parser.add_argument("--png", help="draw the predicted and measured timelines of the last step side by side")
     parser.add_argument("--trace", help="write the measured per-rank timeline as Chrome trace JSON (Perfetto)")
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster) if args.cluster else None
     try:
         summary = run_training(model, plan, args.steps, args.seed, args.dtype, args.data,
-                               learning_rate=args.learning_rate, cluster=cluster, timeout_s=args.timeout,
+                               learning_rate=args.learning_rate, cluster=cluster, timeout_s=args.timeout, p2p=args.p2p,
                                progress=not args.json or sys.stderr.isatty(),
                                load_checkpoint=args.load_checkpoint, save_checkpoint=args.save_checkpoint,
                                **optimizer_options_from_args(args))

@@ -51,9 +51,9 @@ writes dS) and the scale's. Presets carry none of these, so the GPU validation i
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
+from modelpar.caching import memo
 from modelpar.planner.constants import (
     ADAM_BYTES_PER_PARAMETER,
     KERNEL_OVERHEAD_S,
@@ -176,7 +176,7 @@ class LayerCompute:
         return self.matmul_backward_s + self.attention_backward_s + self.elementwise_backward_s
 
 
-@functools.lru_cache(maxsize=8192)
+@memo(8192)
 def layer_compute(
     model: ModelSpec, device: DeviceSpec, micro_batch_size: int, tensor_parallel: int, sequence_parallel: bool,
     recompute: str,
@@ -280,7 +280,7 @@ def explicit_attention_time(model: ModelSpec, device: DeviceSpec, micro_batch_si
     return forward, backward
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096)
 def head_compute(
     model: ModelSpec, device: DeviceSpec, micro_batch_size: int, tensor_parallel: int, sequence_parallel: bool
 ) -> tuple[float, float]:
@@ -297,7 +297,7 @@ def head_compute(
     return forward, backward
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096)
 def embedding_compute(
     model: ModelSpec, device: DeviceSpec, micro_batch_size: int, tensor_parallel: int, sequence_parallel: bool
 ) -> tuple[float, float]:

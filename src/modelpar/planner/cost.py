@@ -52,13 +52,12 @@ Energy = device power x devices x step time.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
+from modelpar.caching import memo
 from modelpar.planner import comm, compute, flops, shared_host
-from modelpar.schedules import simulate as pipeline
 from modelpar.planner.constants import GRADIENT_BYTES, USABLE_MEMORY_FRACTION
-from modelpar.planner.memory import MemoryBreakdown, memory_per_device, stage_parameters
+from modelpar.planner.memory import MIXED_PRECISION, MemoryBreakdown, Precision, memory_per_device, stage_parameters
 from modelpar.schedules.simulate import bubble_fraction as simulated_bubble_fraction
 from modelpar.schedules.simulate import closed_form_bubble_fraction
 from modelpar.specs.cluster import ClusterSpec
@@ -95,15 +94,19 @@ class StepEstimate:
         return self.breakdown.get("tokens_per_step", 0.0) / self.step_time_s
 
 
-def estimate(model: ModelSpec, cluster: ClusterSpec, num_devices: int, plan: ParallelPlan) -> StepEstimate:
-    """Predict step time, MFU/HFU, energy and memory of a complete `plan` (see module docstring).
+def estimate(model: ModelSpec, cluster: ClusterSpec, num_devices: int, plan: ParallelPlan,
+             precision: Precision = MIXED_PRECISION) -> StepEstimate:
+    """Predict step time, MFU/HFU, energy and memory of a complete `plan` (see module docstring);
+    the memory of model states and activations with the bytes of `precision` (`planner.memory`).
 
-    Raises SpecError when the plan is incomplete or cannot run (divisibility, schedule rules).
+    `cluster` is resolved for the plan's devices here (`ClusterSpec.for_world_size`; a resolved
+    cluster stays as it is). Raises SpecError when the plan is incomplete or cannot run (the rules
+    of `specs.plan`).
     A plan that runs out of memory still gets an estimate with `memory.fits` False; call
     `check_fits` to turn that into an error.
     """
     plan.check(model, num_devices)
-    return _estimate(model, cluster, plan)
+    return _estimate(model, cluster.for_world_size(num_devices), plan, precision)
 
 
 def check_fits(step: StepEstimate) -> None:
@@ -149,7 +152,7 @@ def pipeline_profile(schedule: str, p: int, m: int, v: int, simulate: bool = Tru
     return _pipeline_profile(schedule, p, m, v, simulate and p * m * v <= SIMULATION_ACTION_LIMIT)
 
 
-@functools.lru_cache(maxsize=65536)
+@memo(65536)
 def _pipeline_profile(schedule: str, p: int, m: int, v: int, simulate: bool) -> tuple[float, tuple[int, ...]]:
     if p == 1:
         bubble = 0.0
@@ -169,7 +172,7 @@ def _pipeline_profile(schedule: str, p: int, m: int, v: int, simulate: bool) -> 
 # --- communication pieces ----------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8192)
+@memo(8192)
 def tensor_comm_per_layer(
     model: ModelSpec, cluster: ClusterSpec, micro_batch_size: int, tensor_parallel: int, sequence_parallel: bool,
     recompute: str,
@@ -196,7 +199,7 @@ per-token logit maximum, target logit and sum of exponentials over the tensor gr
 CROSS_ENTROPY_VALUE_BYTES = 4  # the loss is computed in fp32
 
 
-@functools.lru_cache(maxsize=8192)
+@memo(8192)
 def tensor_comm_edges(
     model: ModelSpec, cluster: ClusterSpec, micro_batch_size: int, tensor_parallel: int, sequence_parallel: bool,
 ) -> tuple[float, float, float, float]:
@@ -239,7 +242,7 @@ class StageTimes:
     comm_backward: float
 
 
-@functools.lru_cache(maxsize=8192)
+@memo(8192)
 def stage_times(
     model: ModelSpec, cluster: ClusterSpec, tensor_parallel: int, pipeline_parallel: int, virtual_stages: int,
     micro_batch_size: int, sequence_parallel: bool, recompute: str,
@@ -271,7 +274,7 @@ def stage_times(
     return tuple(stages)
 
 
-@functools.lru_cache(maxsize=8192)
+@memo(8192)
 def p2p_per_transfer(
     model: ModelSpec, cluster: ClusterSpec, micro_batch_size: int, tensor_parallel: int, pipeline_parallel: int,
     sequence_parallel: bool,
@@ -306,7 +309,7 @@ class RankWork:
     first_backward: float
 
 
-@functools.lru_cache(maxsize=16384)
+@memo(16384)
 def rank_work(
     model: ModelSpec, cluster: ClusterSpec, tensor_parallel: int, pipeline_parallel: int, micro_batch_size: int,
     sequence_parallel: bool, recompute: str,
@@ -341,7 +344,7 @@ def rank_work(
     )
 
 
-@functools.lru_cache(maxsize=16384)
+@memo(16384)
 def data_parallel_work(
     model: ModelSpec, cluster: ClusterSpec, tensor_parallel: int, pipeline_parallel: int, data_parallel: int,
     zero_stage: int,
@@ -407,13 +410,13 @@ def step_time_parts(
     """(step seconds, the BREAKDOWN_KEYS values, bubble fraction) of a complete, valid plan.
 
     The search calls this for every candidate (with `simulate` False: closed-form bubbles); every
-    piece is cached on the few plan fields it depends on. A cluster of ranks sharing one host
+    piece is cached on the few plan fields it depends on. `cluster` is as t p d ranks see it
+    (`ClusterSpec.for_world_size`, which `estimate` and `search` apply once). A cluster of ranks sharing one host
     (`ClusterSpec.shared_host`, a profiled CPU) is costed with what one rank achieves while
     t p d ranks run at once; with more ranks than cores, compute and bubble come from a
     processor-sharing simulation of the schedule (`planner.shared_host`), and no data-parallel
     communication overlaps the backward: gloo's copies and reductions need the same cores.
     """
-    cluster = cluster.for_world_size(t * p * d)
     sp = sp and t > 1
     work = rank_work(model, cluster, t, p, b, sp, recompute)
     bubble_fraction = pipeline_profile(schedule, p, m, v, simulate)[0]
@@ -448,26 +451,16 @@ def step_time_parts(
     return step, parts, bubble_fraction
 
 
-def clear_caches() -> None:
-    """Empty every memo of the step-time model (compute, communication, schedule profiles, the
-    shared-host simulation): for cold-start timings, and for tests that patch a constant."""
-    for cached in (compute.layer_compute, compute.head_compute, compute.embedding_compute, _pipeline_profile,
-                   tensor_comm_per_layer, tensor_comm_edges, stage_times, p2p_per_transfer, rank_work,
-                   data_parallel_work, shared_host.step_under_sharing, pipeline.bubble_fraction,
-                   pipeline.peak_in_flight_chunks):
-        cached.cache_clear()
-
-
-def _estimate(model: ModelSpec, cluster: ClusterSpec, plan: ParallelPlan) -> StepEstimate:
+def _estimate(model: ModelSpec, cluster: ClusterSpec, plan: ParallelPlan,
+              precision: Precision = MIXED_PRECISION) -> StepEstimate:
     t, p, d, v = plan.tensor_parallel, plan.pipeline_parallel, plan.data_parallel, plan.virtual_stages
-    cluster = cluster.for_world_size(t * p * d)
     device = cluster.device
     b, m = plan.micro_batch_size, plan.num_micro_batches
     step, parts, bubble_fraction = step_time_parts(
         model, cluster, t, p, d, v, b, m, bool(plan.sequence_parallel), plan.recompute, plan.zero_stage, plan.schedule
     )
     in_flight = pipeline_profile(plan.schedule, p, m, v)[1]
-    memory = memory_per_device(model, plan, usable_memory_bytes(cluster), in_flight)
+    memory = memory_per_device(model, plan, usable_memory_bytes(cluster), in_flight, precision=precision)
     tokens = plan.global_batch_size * model.seq_length
     num_devices = t * p * d
     energy = device.power_watts * num_devices * step

@@ -30,13 +30,13 @@ only where it is faster. All of them are still counted in `searched`.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import math
 import time
 from collections import Counter
 from dataclasses import dataclass
 
+from modelpar.caching import memo
 from modelpar.planner.cost import (
     BREAKDOWN_KEYS,
     StepEstimate,
@@ -92,6 +92,7 @@ def search(
         raise SpecError(f"devices must be a positive integer, got {num_devices!r}")
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise SpecError(f"top must be a positive integer, got {top!r}")
+    cluster = cluster.for_world_size(num_devices)  # once: memory capacity and step times alike
     rejected: Counter[str] = Counter()
     searched = 0
     best: list[tuple[float, int, tuple]] = []  # max-heap by time (negated) of the `top` best
@@ -233,7 +234,7 @@ class _StateMemory:
         }
 
 
-@functools.lru_cache(maxsize=16384)
+@memo(16384)
 def _activation_memory(model, t, b, sp, recompute) -> tuple[float, float]:
     """(stored bytes per layer and micro-batch, recomputation working set) as `memory.py` counts them."""
     act = MIXED_PRECISION.activation_bytes

@@ -13,21 +13,22 @@ and drain of a schedule, where few ranks have work, those few run at full speed:
 shrinks, and a 1F1B step is close to max(total work / C, critical path), not N / C times the
 unshared step. Non-pipelined plans (p = 1) have every rank computing at once: N / C times slower.
 
-The simulation runs the schedule's real action lists (`runtime.schedules.build_schedule`) of
+The simulation runs the schedule's real action lists (`schedules.actions.build_schedule`) of
 one pipeline; the t x d ranks of the same pipeline rank (tensor-parallel peers, data-parallel
 replicas) run in lockstep, so a computing pipeline rank counts as t d computing ranks. An action
 is its CPU work (solo seconds, shared) followed by its communication (tensor-parallel
 collectives: seconds, not shared: a rank waiting for a message uses no core); a dependency on
-another pipeline rank adds `p2p_s`.
+another pipeline rank adds `p2p_s` (the dependencies are `schedules.dependencies.needs`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from modelpar.schedules.actions import BACKWARD, FORWARD, Action, build_schedule, global_stage
+from modelpar.caching import memo
+from modelpar.schedules.actions import FORWARD, Action, build_schedule, global_stage
+from modelpar.schedules.dependencies import key_of, needs
 
 WorkFn = Callable[[int, Action], float]
 
@@ -62,21 +63,12 @@ def simulate_shared(actions: Sequence[Sequence[Action]], work: WorkFn, communica
 
     def ready_at(rank: int) -> float | None:
         """When rank's next action may start (None: a dependency has not finished)."""
-        action = actions[rank][position[rank]]
-        stage = global_stage(rank, action.chunk, p)
-        needs = []
-        if action.kind == FORWARD and stage > 0:
-            needs.append((FORWARD, stage - 1, action.micro_batch, True))
-        if action.kind == BACKWARD:
-            needs.append((FORWARD, stage, action.micro_batch, False))
-            if stage < total_stages - 1:
-                needs.append((BACKWARD, stage + 1, action.micro_batch, True))
         start = now
-        for kind, needed_stage, micro_batch, remote in needs:
-            finished = done.get((kind, needed_stage, micro_batch))
+        for key, remote in needs(actions[rank][position[rank]], rank, p, total_stages):
+            finished = done.get(key)
             if finished is None:
                 return None
-            start = max(start, finished + (p2p_s if remote and p > 1 else 0.0))
+            start = max(start, finished + (p2p_s if remote else 0.0))
         return start
 
     while True:
@@ -114,12 +106,12 @@ def simulate_shared(actions: Sequence[Sequence[Action]], work: WorkFn, communica
                     phase[rank], remaining[rank] = "comm", now + seconds
                     comm_total[rank] += seconds
                     continue
-            done[(action.kind, global_stage(rank, action.chunk, p), action.micro_batch)] = now
+            done[key_of(action, rank, p)] = now
             position[rank] += 1
             phase[rank] = None
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096)
 def step_under_sharing(stages: tuple, schedule: str, p: int, v: int, m: int, ranks_per_pipeline_rank: int,
                        p2p_s: float, cores: int) -> SharedStep:
     """Processor-sharing step of a complete plan: `stages[g]` (`cost.StageTimes`) gives each

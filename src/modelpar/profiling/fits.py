@@ -31,7 +31,6 @@ TENSOR_REFERENCE_LAYERS = ((384, 8, 1536, 64, 2), (128, 8, 512, 256, 1), (192, 8
 TENSOR_COLLECTIVES_PER_LAYER = 4
 """All-reduces one tensor-parallel layer issues per forward + backward (`cost.tensor_comm_per_layer`):
 the row-parallel outputs of attention and MLP, and the column-parallel input gradients."""
-"""Distinct layers a reference layer is timed among (`_measure_reference_layers`)."""
 
 
 def _nonnegative_relative_fit(rows: list[list[float]], times: list[float]) -> list[float]:

@@ -126,6 +126,7 @@ GPU_LINEAR_SHAPES = (
 GPU_BATCHED_SHAPES = ((64, 1024, 64), (128, 1024, 128), (64, 2048, 128))
 GPU_ELEMENTWISE_SIZES = (2**22, 2**24, 2**26)
 REFERENCE_STACK = 8
+"""Distinct layers a reference layer is timed among (`_LayerStack`): one layer repeated stays in cache."""
 GPU_DROPOUT_SHAPES = ((4, 16, 1024, 1024), (4, 1024, 1024), (4, 1024, 1024))
 COLLECTIVE_BYTES = (2**12, 2**16, 2**18, 2**20, 2**22)
 LATE_ARRIVAL_S = 0.002

@@ -1,13 +1,13 @@
 """Pipeline timelines as pictures and traces: Gantt charts (PNG) and Chrome traces (JSON).
 
-Both the predicted timeline (`planner.pipeline.simulate` of the schedule's action lists, see
-`events_from_simulation`) and the measured one (the runtime's per-rank spans, see
-`events_from_runtime`) become a flat list of `TimelineEvent`, so the same drawing serves both and
-the two can be put side by side (`side_by_side_png`).
+Both the predicted timeline (`schedules.simulate.simulate` of the schedule's action lists, see
+`events_from_simulation` and `planner.schedule_prediction`) and the measured one (the runtime's
+per-rank spans, see `events_from_runtime`) are lists of `schedules.events.TimelineEvent`, so the
+same drawing serves both and the two can be put side by side (`side_by_side_png`).
 
 Bubble fraction of a timeline (`timeline_bubble_fraction`): 1 - max_r busy_r / makespan, busy_r
 the forward + backward time of rank r and makespan the span from the first forward/backward start
-to the last end over all ranks; the definition of `planner.pipeline.PipelineSimulation`, so a
+to the last end over all ranks; the definition of `schedules.simulate.PipelineSimulation`, so a
 simulated timeline reproduces its `bubble_fraction` exactly.
 
 The Chrome trace format (Trace Event Format, "X" complete events with microsecond timestamps)
@@ -21,20 +21,19 @@ from __future__ import annotations
 
 import colorsys
 import json
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from modelpar.report.figures import TIME_UNITS, format_with_unit, pyplot, readable_unit, save_figure
+from modelpar.schedules.events import (ALLREDUCE_KIND, BACKWARD_KIND, COMPUTE_KINDS, FORWARD_KIND, GRAD_SYNC_KIND,
+                                       RECV_KIND, SEND_KIND, SEND_WAIT_KIND, TimelineEvent, action_label,
+                                       events_from_simulation)
 
-FORWARD_KIND = "forward"
-BACKWARD_KIND = "backward"
-COMPUTE_KINDS = (FORWARD_KIND, BACKWARD_KIND)
-COMMUNICATION_KINDS = ("recv", "send", "send_wait")  # drawn as a thin strip under the compute boxes
-RUNTIME_KIND_NAMES = {"grad_sync": "allreduce"}  # runtime span kind -> TimelineEvent kind
+COMMUNICATION_KINDS = (RECV_KIND, SEND_KIND, SEND_WAIT_KIND)  # drawn as a thin strip under the compute boxes
+RUNTIME_KIND_NAMES = {GRAD_SYNC_KIND: ALLREDUCE_KIND}  # runtime span kind -> drawn kind
 
 # Forward (light) / backward (dark) fill of the first model chunks; further chunks get their own
 # pairs from `chunk_colours` (golden-angle hues), so no two chunks share a colour.
@@ -67,98 +66,34 @@ LEGEND_NAMES = {
     "allreduce": "gradient all-reduce",
     "optimizer": "optimizer step",
 }
-_ACTION_PATTERN = re.compile(r"^([FB])\(chunk (\d+), micro-batch (\d+)\)$")  # str(schedules.Action)
 THREAD_NAMES = ("compute", "communication")  # Chrome trace tid 0, 1
-
-
-@dataclass(frozen=True)
-class TimelineEvent:
-    """One interval on one rank's row, in seconds.
-
-    `kind`: "forward" | "backward" | "send" | "recv" | "send_wait" | "allreduce" | "optimizer" | ...
-    (any other string is drawn in a neutral colour). `micro_batch` and `chunk` are set for
-    forward/backward events and for the transfers that belong to one.
-    """
-
-    rank: int
-    name: str
-    kind: str
-    start_s: float
-    end_s: float
-    micro_batch: int | None = None
-    chunk: int | None = None
-
-    @property
-    def duration_s(self) -> float:
-        return self.end_s - self.start_s
 
 
 # --- building events --------------------------------------------------------------------------
 
 
-def action_label(kind: str, micro_batch: int, chunk: int, several_chunks: bool) -> str:
-    """'F3' / 'B3' for micro-batch 3, with a chunk letter when ranks hold several ('F3a', 'F3b'),
-    as in `planner.pipeline.render_timeline`."""
-    suffix = chr(ord("a") + chunk) if several_chunks else ""
-    return f"{kind}{micro_batch}{suffix}"
-
-
-def events_from_simulation(simulation) -> list[TimelineEvent]:
-    """The forward/backward events of a `planner.pipeline.PipelineSimulation`, 2 m v per rank."""
-    timeline = simulation.timeline
-    several_chunks = any(timed.action.chunk > 0 for row in timeline for timed in row)
-    events = []
-    for row in timeline:
-        for timed in row:
-            action = timed.action
-            events.append(TimelineEvent(
-                rank=timed.rank,
-                name=action_label(action.kind, action.micro_batch, action.chunk, several_chunks),
-                kind=FORWARD_KIND if action.kind == "F" else BACKWARD_KIND,
-                start_s=timed.start,
-                end_s=timed.end,
-                micro_batch=action.micro_batch,
-                chunk=action.chunk,
-            ))
-    return events
-
-
 def events_from_runtime(spans_by_rank: Mapping[Any, Iterable] | Sequence[Iterable]) -> list[TimelineEvent]:
-    """Measured events from the runtime's spans (`runtime.pipeline.TimelineEvent`).
+    """The runtime's events (`runtime.timeline`) as drawn: `TimelineEvent`s or their dicts
+    (`TimelineEvent.to_dict`, as in the `timeline` of a `modelpar train --json` summary).
 
-    `spans_by_rank`: {rank: spans} (keys may be strings, as in the `timeline` of a
-    `modelpar train --json` summary) or a list indexed by rank. A span is an object with
-    `action, start, end, kind` or the tuple (action, start, end, kind). 'compute' spans of an
-    action 'F(chunk c, micro-batch i)' become forward/backward events; 'grad_sync' becomes
-    'allreduce'; other kinds keep their name. Times are kept as given (the drawings start each
-    picture at its earliest event).
+    `spans_by_rank`: {rank: events} (keys may be strings) or a list indexed by rank; the key is
+    the row. Forward/backward boxes are named from their action ('F3', 'F3a' with several chunks,
+    as `events_from_simulation`), other events of an action '<kind> <name>'; 'grad_sync' becomes
+    'allreduce'. Times are kept as given (the drawings start each picture at its earliest event).
     """
     items = spans_by_rank.items() if isinstance(spans_by_rank, Mapping) else enumerate(spans_by_rank)
-    parsed = []
-    for rank, spans in items:
-        for span in spans:
-            action, start, end, kind = _span_fields(span)
-            match = _ACTION_PATTERN.match(action)
-            step_kind, chunk, micro_batch = (match[1], int(match[2]), int(match[3])) if match else (None, None, None)
-            parsed.append((int(rank), action, float(start), float(end), kind, step_kind, chunk, micro_batch))
-    several_chunks = any(chunk for *_, chunk, _ in parsed if chunk is not None)
-    events = []
-    for rank, action, start, end, kind, step_kind, chunk, micro_batch in parsed:
-        label = action_label(step_kind, micro_batch, chunk, several_chunks) if step_kind else action
-        if kind == "compute" and step_kind:
-            kind, name = (FORWARD_KIND if step_kind == "F" else BACKWARD_KIND), label
-        else:
-            kind = RUNTIME_KIND_NAMES.get(kind, kind)
-            name = f"{kind} {label}" if step_kind else label
-        events.append(TimelineEvent(rank, name, kind, start, end, micro_batch, chunk))
-    return events
-
-
-def _span_fields(span) -> tuple[str, float, float, str]:
-    if isinstance(span, (tuple, list)):
-        action, start, end, kind = span
-        return str(action), start, end, str(kind)
-    return str(span.action), span.start, span.end, str(span.kind)
+    events = [replace(span if isinstance(span, TimelineEvent) else TimelineEvent(**span), rank=int(rank))
+              for rank, spans in items for span in spans]
+    several_chunks = any(event.chunk for event in events)
+    drawn = []
+    for event in events:
+        kind, name = RUNTIME_KIND_NAMES.get(event.kind, event.kind), event.name
+        if kind in COMPUTE_KINDS:
+            name = action_label(kind, event.micro_batch, event.chunk, several_chunks)
+        elif event.micro_batch is not None:
+            name = f"{kind} {name}"
+        drawn.append(replace(event, kind=kind, name=name))
+    return drawn
 
 
 # --- numbers ----------------------------------------------------------------------------------

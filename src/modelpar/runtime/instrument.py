@@ -1,8 +1,8 @@
-"""What a training rank measures for the predicted-vs-measured comparison (`runtime.prediction`).
+"""What a training rank measures for the predicted-vs-measured comparison (`report.comparison`).
 
 - Collective timers (`timed_collectives`): every torch.distributed collective the rank issues
   becomes a 'collective' TimelineEvent (a blocking call, or the `wait()` of an asynchronous one).
-  Tensor-parallel collectives run inside the 'compute' spans of the schedule actions (between
+  Tensor-parallel collectives run inside the forward/backward spans of the schedule actions (between
   the GEMMs of a layer, or overlapped with them); timing them separately is what lets compute
   and communication be told apart.
 - Saved activations (`ActivationTracker`): during each pipeline chunk's forward, a
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modelpar.planner.prediction import COLLECTIVE_KIND, LAUNCH_KIND
+from modelpar.schedules.events import COLLECTIVE_KIND, LAUNCH_KIND
 from modelpar.schedules.actions import BACKWARD, FORWARD
 
 TIMED_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_gather_into_tensor",
@@ -42,7 +42,7 @@ class _TimedWork:
         self._work, self._timeline, self._label = work, timeline, label
 
     def wait(self, *args, **kwargs):
-        with self._timeline.span(self._label, COLLECTIVE_KIND):
+        with self._timeline.span(COLLECTIVE_KIND, self._label):
             return self._work.wait(*args, **kwargs)
 
     def __getattr__(self, name):
@@ -58,7 +58,7 @@ def timed_collectives(timeline) -> Iterator[None]:
 
     Labels are "<name> <ranks of the group> #<n>": the n-th collective this process launched on
     that group. Every member launches the same sequence on a group, so equal labels on different
-    ranks are the same collective (`runtime.prediction.collective_waits` uses that to split a
+    ranks are the same collective (`report.comparison.collective_waits` uses that to split a
     span into waiting for the last member to arrive and the transfer itself).
     """
     originals = {name: getattr(dist, name) for name in TIMED_COLLECTIVES if hasattr(dist, name)}
@@ -78,11 +78,11 @@ def timed_collectives(timeline) -> Iterator[None]:
             counts[ranks] = counts.get(ranks, 0) + 1
             label = f"{name} {','.join(map(str, ranks))} #{counts[ranks]}"
             if kwargs.get("async_op"):
-                with timeline.span(label, LAUNCH_KIND):
+                with timeline.span(LAUNCH_KIND, label):
                     pass
                 work = collective(*args, **kwargs)
                 return _TimedWork(work, timeline, label) if work is not None else None
-            with timeline.span(label, COLLECTIVE_KIND):
+            with timeline.span(COLLECTIVE_KIND, label):
                 return collective(*args, **kwargs)
 
         return wrapper
@@ -215,4 +215,4 @@ def model_state_bytes(modules: nn.Module, optimizer, reducers=()) -> dict[str, i
     return {"parameters": parameters, "gradients": gradients, "optimizer_states": optimizer_states}
 
 
-__all__ = ["COLLECTIVE_KIND", "LAUNCH_KIND", "timed_collectives", "ActivationTracker", "model_state_bytes"]
+__all__ = ["timed_collectives", "ActivationTracker", "model_state_bytes"]

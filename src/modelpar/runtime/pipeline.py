@@ -56,6 +56,7 @@ from torch import nn
 from modelpar.schedules.p2p import ACTIVATION, GRADIENT, Exchange, check_exchange_programs, exchange_programs
 from modelpar.schedules.actions import BACKWARD, FORWARD, Action, global_stage
 from modelpar.runtime.timeline import Timeline
+from modelpar.schedules.events import BACKWARD_KIND, FORWARD_KIND, RECV_KIND, SEND_KIND, SEND_WAIT_KIND
 from modelpar.specs import plan as rules
 from modelpar.specs.errors import SpecError
 from modelpar.specs.plan import ParallelPlan
@@ -246,7 +247,6 @@ class PipelineExecutor:
         self.timeline = timeline if timeline is not None else Timeline()
         if self.device.type == "cuda":
             self.timeline.use_cuda(self.device)
-        self._labels = [str(a) for a in self.actions]  # timeline labels, formatted once
         self._last_backward = {a.chunk: k for k, a in enumerate(self.actions) if a.kind == BACKWARD}
         self._check_actions()
         if topology.num_stages == 1 and len(self.chunks) > 1:
@@ -309,12 +309,12 @@ class PipelineExecutor:
         buffer = self._empty_message()
         return dist.irecv(buffer, src=peer, tag=self._tag(kind, stage, micro_batch)), buffer
 
-    def _send(self, tensor: torch.Tensor, to_stage: int, kind: str, micro_batch: int, label: str) -> None:
+    def _send(self, tensor: torch.Tensor, to_stage: int, kind: str, micro_batch: int, action: Action) -> None:
         payload = tensor.detach().to(self.activation_dtype).contiguous()
         if self._program is not None:  # batched: goes out with this round's exchange
             self._outbox[(kind, to_stage, micro_batch)] = payload
             return
-        with self.timeline.span(label, "send"):
+        with self.timeline.span(SEND_KIND, action=action, stage=self.topology.global_stage(action.chunk)):
             work = dist.isend(payload, dst=self.topology.rank_of_stage(to_stage),
                               tag=self._tag(kind, to_stage, micro_batch))
         self._pending_sends[(kind, to_stage, micro_batch)] = (work, payload)
@@ -337,7 +337,7 @@ class PipelineExecutor:
         if index not in posted:
             return None
         work, buffer = posted.pop(index)
-        with self.timeline.span(self._labels[index], "recv"):
+        with self.timeline.span(RECV_KIND, action=action, stage=self.topology.global_stage(action.chunk)):
             work.wait()
         return buffer
 
@@ -354,11 +354,12 @@ class PipelineExecutor:
             arrivals.append((message.key, buffer))
         works = None
         if exchange.sends:
-            with self.timeline.span(str(exchange.sends[0].producer(p)), "send"):
+            producer = exchange.sends[0].producer(p)
+            with self.timeline.span(SEND_KIND, action=producer, stage=self.topology.global_stage(producer.chunk)):
                 works = dist.batch_isend_irecv(ops)
-        label, kind = ((str(exchange.recvs[0].consumer(p)), "recv") if exchange.recvs
-                       else (str(exchange.sends[0].producer(p)), "send_wait"))
-        with self.timeline.span(label, kind):
+        action, kind = ((exchange.recvs[0].consumer(p), RECV_KIND) if exchange.recvs
+                        else (exchange.sends[0].producer(p), SEND_WAIT_KIND))
+        with self.timeline.span(kind, action=action, stage=self.topology.global_stage(action.chunk)):
             for work in works if works is not None else dist.batch_isend_irecv(ops):
                 work.wait()
         self._inbox.update(arrivals)
@@ -396,7 +397,7 @@ class PipelineExecutor:
             else:
                 self._backward(index, action, received)
         if self._program is None:
-            with self.timeline.span("step", "send_wait"):
+            with self.timeline.span(SEND_WAIT_KIND, name="step"):
                 for work, _ in self._pending_sends.values():
                     work.wait()
             self._pending_sends.clear()
@@ -414,8 +415,7 @@ class PipelineExecutor:
         else:
             inputs = received.requires_grad_(True)
             self._inputs[key] = inputs
-        label = self._labels[index]
-        with self.timeline.span(label, "compute"):
+        with self.timeline.span(FORWARD_KIND, action=action, stage=chunk.stage):
             output = chunk(inputs, batch.targets.to(self.device) if chunk.is_last else None,
                            self._dropout_keys[action.micro_batch])
             if chunk.is_last:
@@ -423,7 +423,7 @@ class PipelineExecutor:
         self._outputs[key] = output
         if chunk.is_last:
             return output.detach()
-        self._send(output, chunk.stage + 1, ACTIVATION, action.micro_batch, label)
+        self._send(output, chunk.stage + 1, ACTIVATION, action.micro_batch, action)
         deallocate_output_data(output)
         return None
 
@@ -434,8 +434,7 @@ class PipelineExecutor:
             self.grad_reducers[action.chunk].set_sync(index == self._last_backward[action.chunk])
         output = self._outputs.pop(key)
         inputs = self._inputs.pop(key)
-        label = self._labels[index]
-        with self.timeline.span(label, "compute"):
+        with self.timeline.span(BACKWARD_KIND, action=action, stage=chunk.stage):
             if chunk.is_last:
                 output.backward()
             else:
@@ -443,4 +442,4 @@ class PipelineExecutor:
         if not chunk.is_last and self._program is None:
             self._finish_activation_send(chunk.stage, action.micro_batch)
         if not chunk.is_first:
-            self._send(inputs.grad, chunk.stage - 1, GRADIENT, action.micro_batch, label)
+            self._send(inputs.grad, chunk.stage - 1, GRADIENT, action.micro_batch, action)

@@ -1,42 +1,28 @@
-"""Per-rank timing of the runtime: `Timeline` collects `TimelineEvent` spans (compute, receive
-waits, send launches, gradient sync, optimizer, collectives) on `time.perf_counter()` seconds; on
-CUDA the spans are CUDA events on the current stream (a CPU clock would only see kernel launches),
-converted to the same clock."""
+"""Per-rank timing of the runtime: `Timeline` records `schedules.events.TimelineEvent` spans
+(forward/backward compute, receive waits, send launches, gradient sync, optimizer, collectives) on
+`time.perf_counter()` seconds; on CUDA the spans are CUDA events on the current stream (a CPU
+clock would only see kernel launches), converted to the same clock."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-
-
-
-
-@dataclass(frozen=True)
-class TimelineEvent:
-    """One timed interval on a rank: `action` like 'F(chunk 0, micro-batch 3)', `kind` one of
-    'compute', 'recv' (waiting for an input), 'send' (launching one), 'send_wait' (end of step),
-    'grad_sync', 'optimizer'. Times are `time.perf_counter()` seconds (one clock per machine)."""
-
-    action: str
-    start: float
-    end: float
-    kind: str
-
-    def as_tuple(self) -> tuple[str, float, float, str]:
-        return (self.action, self.start, self.end, self.kind)
+from modelpar.schedules.actions import Action
+from modelpar.schedules.events import TimelineEvent
 
 
 class Timeline:
-    """Collects TimelineEvents; `span(action, kind)` is a context manager that records one.
+    """Collects the TimelineEvents of rank `rank`; `span(kind, ...)` is a context manager that
+    records one.
 
     After `use_cuda(device)` the spans are CUDA events on the current stream, resolved (one
     device synchronisation) when `events` is read; the times stay perf_counter seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = rank
         self._events: list[TimelineEvent] = []
         self.clock: _CudaClock | None = None
 
@@ -50,16 +36,22 @@ class Timeline:
             self._events.extend(self.clock.resolve())
         return self._events
 
-    def span(self, action: str, kind: str) -> "_Span":
-        return _Span(self, action, kind)
+    def span(self, kind: str, name: str = "", action: Action | None = None, stage: int | None = None) -> "_Span":
+        """A span of `kind`; `action` (and its global `stage`): the schedule action it belongs to,
+        which also names it unless `name` does."""
+        fields = {"rank": self.rank, "name": name or (str(action) if action is not None else ""), "kind": kind,
+                  "stage": stage}
+        if action is not None:
+            fields.update(micro_batch=action.micro_batch, chunk=action.chunk)
+        return _Span(self, fields)
 
     def total(self, kind: str) -> float:
-        return sum(e.end - e.start for e in self.events if e.kind == kind)
+        return sum(e.duration_s for e in self.events if e.kind == kind)
 
 
 class _Span:
-    def __init__(self, timeline: Timeline, action: str, kind: str) -> None:
-        self.timeline, self.action, self.kind = timeline, action, kind
+    def __init__(self, timeline: Timeline, fields: dict) -> None:
+        self.timeline, self.fields = timeline, fields
 
     def __enter__(self) -> None:
         clock = self.timeline.clock
@@ -68,9 +60,9 @@ class _Span:
     def __exit__(self, *exc) -> None:
         clock = self.timeline.clock
         if clock is not None:
-            clock.pending.append((self.action, self.start, clock.mark(), self.kind))
+            clock.pending.append((self.fields, self.start, clock.mark()))
         else:
-            self.timeline._events.append(TimelineEvent(self.action, self.start, time.perf_counter(), self.kind))
+            self.timeline._events.append(TimelineEvent(start_s=self.start, end_s=time.perf_counter(), **self.fields))
 
 
 class _CudaClock:
@@ -83,7 +75,7 @@ class _CudaClock:
         self._new_event = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
         self._synchronize = synchronize or (lambda: torch.cuda.synchronize(self.device))
         self._reference = None  # (perf_counter seconds, event)
-        self.pending: list[tuple] = []  # (action, start event, end event, kind)
+        self.pending: list[tuple] = []  # (TimelineEvent fields but the times, start event, end event)
 
     def mark(self):
         if self._reference is None:
@@ -100,9 +92,9 @@ class _CudaClock:
             return []
         self._synchronize()
         seconds, reference = self._reference
-        resolved = [TimelineEvent(action, seconds + reference.elapsed_time(start) / 1e3,
-                                  seconds + reference.elapsed_time(end) / 1e3, kind)
-                    for action, start, end, kind in self.pending]
+        resolved = [TimelineEvent(start_s=seconds + reference.elapsed_time(start) / 1e3,
+                                  end_s=seconds + reference.elapsed_time(end) / 1e3, **fields)
+                    for fields, start, end in self.pending]
         self.pending.clear()
         self._reference = None  # re-anchor at the next span: the two clocks drift apart slowly
         return resolved

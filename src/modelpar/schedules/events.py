@@ -42,8 +42,9 @@ class TimelineEvent:
     `micro_batch`, `chunk` and `stage` (the global pipeline stage) name the schedule action the
     event belongs to (its compute, or the transfer it receives or sends), None otherwise.
     `name`: for a collective the label that is equal on every member rank
-    (`runtime.instrument.timed_collectives`), else free text ("" for the runtime's actions; the
-    reports name those from the action fields, `action_label`).
+    (`runtime.instrument.timed_collectives`), else free text (the runtime names an action's events
+    `str(action)`, 'F(chunk 0, micro-batch 3)'; the drawings name compute boxes from the fields,
+    `action_label`).
     """
 
     rank: int

@@ -9,12 +9,13 @@ group, and `torch.distributed.pipelining` (`PipelineScheduleMulti`, `_batch_p2p`
 per time step of a lockstep table: a rank's batch holds the sends of the action it ran at step t
 and the receives of what its neighbours produced at step t.
 
-This module builds that plan from any set of per-rank action lists (`schedules.build_schedule`):
+This module builds that plan from any set of per-rank action lists
+(`schedules.actions.build_schedule`), with the dependencies of `schedules.dependencies`:
 
 1. Lockstep rounds (`lockstep_rounds`): list scheduling with unit durations, each rank in list
    order: round(a) = max(round of the previous action on its rank, round of the action on another
    rank that produces its input) + 1. Rounds exist iff the lists are deadlock-free
-   (`planner.pipeline.simulate`, same dependencies); otherwise PipelineDeadlock.
+   (`schedules.simulate.simulate`, same dependencies); otherwise PipelineDeadlock.
 2. Exchange t of rank r (`exchange_programs`): sends = the message r's round-t action produces
    for another rank; receives = the messages the other ranks' round-t actions produce for r. A
    rank's program is its actions and exchanges by round, an exchange right after the action of
@@ -39,40 +40,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
-from modelpar.schedules.simulate import PipelineDeadlock
-from modelpar.schedules.actions import BACKWARD, FORWARD, Action, global_stage
+from modelpar.schedules.actions import Action
+from modelpar.schedules.dependencies import (  # ACTIVATION, GRADIENT, Message, PipelineDeadlock: also for p2p's users
+    ACTIVATION, GRADIENT, Message, PipelineDeadlock, key_of, needs, produces, receives)
 
-ACTIVATION, GRADIENT = "activation", "gradient"
-
-
-@dataclass(frozen=True)
-class Message:
-    """A tensor crossing ranks: the activation consumed by F(stage, micro_batch) or the gradient
-    consumed by B(stage, micro_batch); `sender` and `receiver` are pipeline ranks."""
-
-    kind: str
-    stage: int
-    micro_batch: int
-    sender: int
-    receiver: int
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        return (self.kind, self.stage, self.micro_batch)
-
-    def consumer(self, num_stages: int) -> Action:
-        """The receiver's action that needs this message."""
-        return Action(FORWARD if self.kind == ACTIVATION else BACKWARD, self.stage // num_stages, self.micro_batch)
-
-    def producer(self, num_stages: int) -> Action:
-        """The sender's action that produces this message."""
-        if self.kind == ACTIVATION:
-            return Action(FORWARD, (self.stage - 1) // num_stages, self.micro_batch)
-        return Action(BACKWARD, (self.stage + 1) // num_stages, self.micro_batch)
-
-    def __str__(self) -> str:
-        return (f"{self.kind} of micro-batch {self.micro_batch} for stage {self.stage} "
-                f"(rank {self.sender} -> {self.receiver})")
+P2P_MODES = ("tagged", "batched")
+"""How the executor moves pipeline messages: gloo's tag matching, or this module's batched exchanges."""
 
 
 @dataclass(frozen=True)
@@ -91,37 +64,12 @@ def _num_chunks(actions: Sequence[Sequence[Action]]) -> int:
     return 1 + max((a.chunk for row in actions for a in row), default=0)
 
 
-def input_message(action: Action, rank: int, num_stages: int, num_global_stages: int) -> Message | None:
-    """The message `action` on pipeline rank `rank` must receive (None: first-stage F, last-stage
-    B, or a producer on the same rank)."""
-    stage = global_stage(rank, action.chunk, num_stages)
-    if action.kind == FORWARD and stage > 0:
-        message = Message(ACTIVATION, stage, action.micro_batch, (stage - 1) % num_stages, rank)
-    elif action.kind == BACKWARD and stage < num_global_stages - 1:
-        message = Message(GRADIENT, stage, action.micro_batch, (stage + 1) % num_stages, rank)
-    else:
-        return None
-    return message if message.sender != rank else None
-
-
-def output_message(action: Action, rank: int, num_stages: int, num_global_stages: int) -> Message | None:
-    """The message `action` on pipeline rank `rank` produces for another rank (None if none)."""
-    stage = global_stage(rank, action.chunk, num_stages)
-    if action.kind == FORWARD and stage < num_global_stages - 1:
-        message = Message(ACTIVATION, stage + 1, action.micro_batch, rank, (stage + 1) % num_stages)
-    elif action.kind == BACKWARD and stage > 0:
-        message = Message(GRADIENT, stage - 1, action.micro_batch, rank, (stage - 1) % num_stages)
-    else:
-        return None
-    return message if message.receiver != rank else None
-
-
 def lockstep_rounds(actions: Sequence[Sequence[Action]]) -> list[list[int]]:
     """Per rank, the lockstep round of each action (unit-duration list schedule, see module doc).
 
     Raises PipelineDeadlock naming each stuck rank and the action it waits at."""
     num_stages = len(actions)
-    last_stage = num_stages * _num_chunks(actions) - 1
+    num_global = num_stages * _num_chunks(actions)
     rounds: list[list[int]] = [[-1] * len(row) for row in actions]
     position, previous_round = [0] * num_stages, [-1] * num_stages
     done: dict[tuple[str, int, int], int] = {}  # (kind, global stage, micro-batch) -> round
@@ -132,18 +80,14 @@ def lockstep_rounds(actions: Sequence[Sequence[Action]]) -> list[list[int]]:
         row = actions[rank]
         while position[rank] < len(row):
             action = row[position[rank]]
-            stage, i = global_stage(rank, action.chunk, num_stages), action.micro_batch
-            if action.kind == FORWARD:
-                needs = [(FORWARD, stage - 1, i)] if stage > 0 else []
-            else:
-                needs = [(FORWARD, stage, i)] + ([(BACKWARD, stage + 1, i)] if stage < last_stage else [])
-            missing = next((key for key in needs if key not in done), None)
+            needed = [key for key, _ in needs(action, rank, num_stages, num_global)]
+            missing = next((key for key in needed if key not in done), None)
             if missing is not None:
                 waiters.setdefault(missing, []).append(rank)
                 break
-            this_round = max([previous_round[rank]] + [done[key] for key in needs]) + 1
+            this_round = max([previous_round[rank]] + [done[key] for key in needed]) + 1
             rounds[rank][position[rank]] = previous_round[rank] = this_round
-            key = (action.kind, stage, i)
+            key = key_of(action, rank, num_stages)
             done[key] = this_round
             ready.extend(waiters.pop(key, []))
             position[rank] += 1
@@ -163,7 +107,7 @@ def exchange_programs(actions: Sequence[Sequence[Action]]) -> list[list[Step]]:
     recvs: list[dict[int, list[Message]]] = [{} for _ in actions]
     for rank, row in enumerate(actions):
         for action, this_round in zip(row, rounds[rank]):
-            message = output_message(action, rank, num_stages, num_global)
+            message = produces(action, rank, num_stages, num_global)
             if message is not None:
                 sends[rank].setdefault(this_round, []).append(message)
                 recvs[message.receiver].setdefault(this_round, []).append(message)
@@ -229,12 +173,12 @@ def check_exchange_programs(actions: Sequence[Sequence[Action]], programs: Seque
         for rank, program in enumerate(programs):  # run actions up to the next exchange
             while position[rank] < len(program) and not isinstance(program[position[rank]], Exchange):
                 action = actions[rank][program[position[rank]]]
-                needed = input_message(action, rank, num_stages, num_global)
+                needed = receives(action, rank, num_stages, num_global)
                 if needed is not None:
                     if needed.key not in inbox[rank]:
                         break
                     inbox[rank].remove(needed.key)
-                produced = output_message(action, rank, num_stages, num_global)
+                produced = produces(action, rank, num_stages, num_global)
                 if produced is not None:
                     available[rank].add(produced.key)
                 position[rank] += 1

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from itertools import accumulate, chain
 from typing import Callable, Sequence, Union
 
-from modelpar.schedules.actions import Action, build_schedule, global_stage
-from modelpar.schedules.dependencies import Message, PipelineDeadlock, needs, produces, receives
+from modelpar.schedules.actions import BACKWARD, FORWARD, Action, build_schedule, global_stage
+from modelpar.schedules.dependencies import Message, PipelineDeadlock, produces, receives, stage_needs
 from modelpar.specs.errors import SpecError
 
 Duration = Union[float, Callable[[int, Action], float]]
@@ -296,12 +296,14 @@ def _rank_program(rank, codes, duration, layout, ended, began, waiter, ready, la
     The driver resumes it once that action has run (`waiter`). Keeping each rank's state in its
     own generator frame makes a block-and-resume cost about as much as one action.
     """
+    # F(code) needs ended[forward_rank][code - forward_shift] when code >= forward_from (not the first
+    # stage), B(code) its own forward code - 1 and ended[backward_rank][code - backward_shift] when
+    # code < backward_to (not the last stage): `dependencies.stage_needs` in codes (`_code_rule`)
     stride = layout.chunk_stride
-    (forward_rank, forward_shift, forward_from, forward_to), (backward_rank, backward_shift, backward_from,
-                                                              backward_to), remote = _code_rule(
+    (forward_rank, forward_shift, forward_from), (backward_rank, backward_shift, backward_to), remote = _code_rule(
         rank, layout.num_ranks, layout.num_chunks)
-    forward_shift, forward_from, forward_to = forward_shift * stride, forward_from * stride, forward_to * stride
-    backward_shift, backward_from, backward_to = backward_shift * stride, backward_from * stride, backward_to * stride
+    forward_shift, forward_from = forward_shift * stride, forward_from * stride
+    backward_shift, backward_to = backward_shift * stride, backward_to * stride
     lag = lag if remote else 0.0
     own, own_began, own_waiter = ended[rank], began[rank], waiter[rank]
     forward_ended, backward_ended = ended[forward_rank], ended[backward_rank]
@@ -312,10 +314,10 @@ def _rank_program(rank, codes, duration, layout, ended, began, waiter, ready, la
             if own[code - 1] < 0:
                 yield rank, code - 1  # the forward comes later in this same list: never resumed, a deadlock
             neighbour, neighbour_ended, needed = backward_rank, backward_ended, code - backward_shift
-            needs_neighbour = backward_from <= code < backward_to
+            needs_neighbour = code < backward_to
         else:  # forward: needs the previous stage's activation
             neighbour, neighbour_ended, needed = forward_rank, forward_ended, code - forward_shift
-            needs_neighbour = forward_from <= code < forward_to
+            needs_neighbour = code >= forward_from
         if needs_neighbour:  # not the first stage's forward nor the last stage's backward
             done = neighbour_ended[needed]
             if done < 0:
@@ -333,34 +335,35 @@ def _rank_program(rank, codes, duration, layout, ended, began, waiter, ready, la
     free_at[rank] = t
 
 
-@functools.lru_cache(maxsize=1024)
-def _code_rule(rank: int, num_ranks: int, num_chunks: int, num_micro_batches: int) -> tuple:
-    """`dependencies.needs` of `rank`'s actions as `_rank_program` runs them: (the rank a forward's
-    need runs on, per code the code it needs there or -1, the same two for a backward, whether
-    those ranks are another rank). A backward also needs its own forward, code - 1. Built from the
-    needs of micro-batch 0 of each chunk (shared tables: never modified); raises
-    NotImplementedError for a rule of another shape."""
-    stride, num_global = 2 * num_micro_batches, num_ranks * num_chunks
-    rule, remotes = [], set()
-    for kind, bit in _KIND_BIT.items():
-        owners, needed, own_forwards = set(), [-1] * (num_chunks * stride), 0
-        for chunk in range(num_chunks):
-            code, others = chunk * stride + bit, []
-            for (needed_kind, stage, micro_batch), remote in needs(Action(kind, chunk, 0), rank, num_ranks, num_global):
-                owner, needed_code = stage % num_ranks, stage // num_ranks * stride + 2 * micro_batch + _KIND_BIT[needed_kind]
-                if (owner, needed_code) == (rank, code - 1):
-                    own_forwards += 1
-                else:
-                    others.append((owner, needed_code, micro_batch, remote))
-            for owner, needed_code, micro_batch, remote in others:
-                owners.add(owner), remotes.add(remote)
-                needed[code:code + stride:2] = range(needed_code, needed_code + stride, 2)
-            if len(others) > 1 or any(micro_batch for _, _, micro_batch, _ in others):
-                raise NotImplementedError(f"simulate: {kind}(chunk {chunk}) on rank {rank} has needs it cannot run")
-        if len(owners) > 1 or len(remotes) > 1 or own_forwards != bit * num_chunks:
-            raise NotImplementedError(f"simulate: the {kind} needs of rank {rank} are not of a shape it can run")
-        rule += [owners.pop() if owners else rank, needed]
-    return (*rule, remotes == {True})
+@functools.lru_cache(maxsize=4096)
+def _code_rule(rank: int, num_ranks: int, num_chunks: int) -> tuple:
+    """`dependencies.stage_needs` of `rank`'s actions in the shape `_rank_program` runs, in chunks:
+    the forward of chunk c >= forward_from needs the forward of chunk c - forward_shift on
+    forward_rank; a backward needs its own forward and, for c < backward_to, the backward of chunk
+    c - backward_shift on backward_rank; `remote`: those ranks are other ranks. Read off the rule,
+    then checked against it on every chunk (NotImplementedError for a rule of another shape)."""
+    p, num_global = num_ranks, num_ranks * num_chunks
+    stages = range(rank, num_global, p)  # chunk c holds global stage c * p + rank
+    forward = [stage_needs(FORWARD, stage, num_global) for stage in stages]
+    backward = [stage_needs(BACKWARD, stage, num_global) for stage in stages]
+    forward_from = next((chunk for chunk, needed in enumerate(forward) if needed), num_chunks)
+    backward_to = next((chunk for chunk, needed in enumerate(backward) if len(needed) < 2), num_chunks)
+    # the stage the first chunk with a neighbour need needs (the own stage if none: never used)
+    forward_stage = forward[forward_from][-1][1] if forward_from < num_chunks else rank + forward_from * p
+    backward_stage = backward[0][-1][1] if backward_to else rank
+    forward_rank, forward_shift = forward_stage % p, forward_from - forward_stage // p
+    backward_rank, backward_shift = backward_stage % p, -(backward_stage // p)
+    remote = {other != rank for other, used in ((forward_rank, forward_from < num_chunks), (backward_rank, backward_to))
+              if used}
+    if len(remote) > 1 or forward != [
+        ((FORWARD, (chunk - forward_shift) * p + forward_rank),) if chunk >= forward_from else ()
+        for chunk in range(num_chunks)
+    ] or backward != [
+        ((FORWARD, stage),) + (((BACKWARD, (chunk - backward_shift) * p + backward_rank),) if chunk < backward_to else ())
+        for chunk, stage in enumerate(stages)
+    ]:
+        raise NotImplementedError(f"simulate: the needs of rank {rank} are not of a shape it runs")
+    return (forward_rank, forward_shift, forward_from), (backward_rank, backward_shift, backward_to), remote == {True}
 
 
 def _durations(rank_actions, rank_codes, num_codes: int, forward_time: Duration, backward_time: Duration):

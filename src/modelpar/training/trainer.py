@@ -40,8 +40,6 @@ DEFAULT_LEARNING_RATE = 3e-3
 DEFAULT_WEIGHT_DECAY = 0.1
 DEFAULT_CLIP_GRAD = 0.0
 """Gradient clipping is off by default (0); Megatron-LM's default is 1.0 (`--clip-grad 1.0`)."""
-CRASH_RANK_ENV = "MODELPAR_CRASH_RANK"
-"""Fault injection for tests: the rank named here exits abruptly (os._exit) at the start of step 1."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,11 @@ class TrainConfig:
     weight_decay: float = DEFAULT_WEIGHT_DECAY
     bucket_bytes: int = 25 * 2**20
     progress: bool = True
-    crash_rank: int | None = None
+    crash_rank: int | None = field(default=None, metadata={
+        "doc": "fault injection for tests: this rank exits abruptly (os._exit(17)) at the start of step 1"})
+    p2p: str | None = field(default=None, metadata={
+        "doc": "pipeline point-to-point mode: 'tagged' or 'batched' (`runtime.pipeline.resolve_p2p_mode`; "
+               "None: batched on NCCL, tagged on gloo)"})
     load_checkpoint: str | None = field(default=None, metadata={
         "doc": "resume from this checkpoint (`runtime.checkpoint`, any layout): weights, AdamW state, step"})
     save_checkpoint: str | None = field(default=None, metadata={
@@ -468,7 +470,7 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
 def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT_STEPS, seed: int = 0,
                  dtype: str = "fp32", data_path: str | None = None, *, learning_rate: float = DEFAULT_LEARNING_RATE,
                  cluster=None, timeout_s: float = 600.0, progress: bool = True,
-                 crash_rank: int | None = None, load_checkpoint: str | None = None,
+                 crash_rank: int | None = None, p2p: str | None = None, load_checkpoint: str | None = None,
                  save_checkpoint: str | None = None, **optimizer_options) -> dict | None:
     """Train `steps` steps of `plan` (partial plans are completed with the runtime defaults) and
     return the summary: losses and gradient norms per step, step time, tokens/s, MFU, peak
@@ -482,7 +484,7 @@ def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT
 
     plan = complete_plan(plan)
     config = TrainConfig(model_spec, plan, steps, seed, dtype, data_path, learning_rate, progress=progress,
-                         crash_rank=crash_rank if crash_rank is not None else _env_crash_rank(),
+                         crash_rank=crash_rank, p2p=p2p,
                          load_checkpoint=load_checkpoint, save_checkpoint=save_checkpoint, **optimizer_options)
     validate_training(config)
     world = plan.world_size
@@ -516,11 +518,6 @@ def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT
     summary["prediction"] = {"cluster": cluster.name if cluster is not None else None, "error": prediction_error,
                              **({key: predicted[key] for key in ("breakdown", "memory")} if predicted else {})}
     return summary
-
-
-def _env_crash_rank() -> int | None:
-    value = os.environ.get(CRASH_RANK_ENV)
-    return int(value) if value not in (None, "") else None
 
 
 def summarise(config: TrainConfig, rank_results: list[dict], peak_tflops: float, peak_source: str,

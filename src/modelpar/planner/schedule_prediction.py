@@ -1,0 +1,158 @@
+"""The predicted step of a plan as a timeline: what `modelpar simulate` draws and what
+`modelpar train --png` puts above the measured step (`planner.prediction.predict` carries it).
+
+Source of truth: `planner.cost.estimate`. Its step is not a schedule simulation (the bubble is the
+schedule's unit-time idle share times the mean rank time, and every pipeline transfer is on the
+critical path), so the timeline is built to show exactly the estimate's numbers:
+
+- the schedule's real action lists (`schedules.actions.build_schedule`) are placed in time by
+  `schedules.simulate.simulate` with per-action durations from the cost model's own pieces
+  (`cost.stage_times`): forward of chunk c on pipeline rank r (global stage g = c p + r, L / (p v)
+  layers) = layers x (layer forward compute + tensor-parallel forward collectives), + the
+  embedding forward on stage 0 and the head (final norm, logits, loss) forward on the last stage
+  with their vocabulary-parallel collectives; backward: layers x (recomputed forward + backward
+  + their collectives), + the embedding/head backward. A rank's forward + backward time is the
+  cost model's compute + tensor-parallel time of that rank (tests/unit/test_timeline.py checks
+  it); on a host whose cores the ranks share (`ClusterSpec.shares_cores`) every duration is
+  stretched by one factor so that the busiest rank's is the estimate's processor-shared time;
+- the wait on each dependency between ranks (`PredictedSchedule.edge_s`) is fitted so that the
+  simulated pipeline lasts what the estimate gives it: compute + tensor-parallel + bubble +
+  pipeline p2p of the busiest rank (the list schedule with the cost model's transfer time,
+  `ActionTimes.p2p_s`, hides most transfers in slack and comes out a few per cent shorter). Then
+  the busiest rank's drawn busy time is the estimate's compute + tensor-parallel time and its
+  idle time the estimate's bubble + p2p. Should the schedule be longer than that even without
+  any wait (unequal stages, processor sharing), edge_s is 0 and the pipeline part is compressed
+  in time by `time_scale` < 1 instead;
+- after its last backward each rank spends the estimate's exposed data-parallel time
+  (`breakdown["data_parallel_comm_s"]`) in an "allreduce" event, and all ranks step the optimizer
+  (`breakdown["optimizer_s"]`) once the last of them is done (the global gradient norm
+  synchronises them). Lumping ZeRO-3's exposed per-micro-batch traffic at the end keeps the step
+  time, not its place in the pipeline.
+
+So `PredictedSchedule.step_time_s`, from the first forward to the last optimizer end, is the
+estimate's step (to rounding), and the picture and the prediction table agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from modelpar.planner import cost
+from modelpar.planner.memory import MIXED_PRECISION, Precision
+from modelpar.schedules.actions import Action, build_schedule
+from modelpar.schedules.events import ALLREDUCE_KIND, OPTIMIZER_KIND, TimelineEvent, events_from_simulation
+from modelpar.schedules.simulate import PipelineSimulation, simulate
+from modelpar.specs import ClusterSpec, ModelSpec, ParallelPlan
+
+FIT_TOLERANCE = 1e-12  # relative error of the fitted pipeline span
+FIT_STEPS = 60
+
+
+@dataclass(frozen=True)
+class ActionTimes:
+    """Seconds per micro-batch of each (pipeline rank, chunk)'s forward and backward, and of one
+    transfer between stages; the data-parallel tail of the step."""
+
+    forward_s: tuple[tuple[float, ...], ...]   # [rank][chunk]
+    backward_s: tuple[tuple[float, ...], ...]  # [rank][chunk]
+    p2p_s: float
+    grad_sync_s: float   # exposed data-parallel communication after a rank's last backward (0 for d = 1)
+    optimizer_s: float
+
+
+@dataclass(frozen=True)
+class PredictedSchedule:
+    """The simulated step of a plan (module docstring): the pipeline simulation, its events (with
+    the data-parallel and optimizer tail), the durations used and the estimate it shows."""
+
+    plan: ParallelPlan
+    times: ActionTimes
+    simulation: PipelineSimulation
+    events: tuple[TimelineEvent, ...]  # forward/backward + allreduce + optimizer, per pipeline rank
+    step_time_s: float                 # first forward start to last optimizer end: the estimate's step
+    estimate: cost.StepEstimate
+    edge_s: float                      # simulated wait per dependency between ranks (fitted)
+    time_scale: float                  # drawn pipeline time / simulated time (1 unless compressed)
+
+
+def action_times(
+    model: ModelSpec, cluster: ClusterSpec, plan: ParallelPlan, grad_sync_s: float = 0.0, optimizer_s: float = 0.0
+) -> ActionTimes:
+    """Per-(rank, chunk) forward/backward seconds and the transfer time (see module docstring);
+    `grad_sync_s` and `optimizer_s` (the step's tail) are passed through."""
+    t, p, v = plan.tensor_parallel, plan.pipeline_parallel, plan.virtual_stages
+    b = plan.micro_batch_size
+    sp = bool(plan.sequence_parallel) and t > 1
+    stages = cost.stage_times(model, cluster, t, p, v, b, sp, plan.recompute)
+
+    def per_rank(seconds) -> tuple[tuple[float, ...], ...]:
+        return tuple(tuple(seconds(stages[chunk * p + rank]) for chunk in range(v)) for rank in range(p))
+
+    forward = per_rank(lambda stage: stage.compute_forward + stage.comm_forward)
+    backward = per_rank(lambda stage: stage.compute_backward + stage.comm_backward)
+    p2p = cost.p2p_per_transfer(model, cluster, b, t, p, sp)
+    return ActionTimes(forward, backward, p2p, grad_sync_s, optimizer_s)
+
+
+def predict_schedule(
+    model: ModelSpec, cluster: ClusterSpec, plan: ParallelPlan, num_devices: int | None = None,
+    precision: Precision = MIXED_PRECISION,
+) -> PredictedSchedule:
+    """Estimate one step of a complete `plan` (memory with `precision`) and build its timeline
+    (module docstring). Raises SpecError if the plan cannot run."""
+    step_estimate = cost.estimate(model, cluster, num_devices or plan.world_size, plan, precision)
+    parts = step_estimate.breakdown
+    times = action_times(model, cluster.for_world_size(plan.world_size), plan, parts["data_parallel_comm_s"],
+                         parts["optimizer_s"])
+    actions = build_schedule(plan.schedule, plan.pipeline_parallel, plan.num_micro_batches, plan.virtual_stages)
+    busiest = plan.num_micro_batches * max(sum(f) + sum(b) for f, b in zip(times.forward_s, times.backward_s))
+    stretch = (parts["compute_s"] + parts["tensor_parallel_comm_s"]) / busiest
+    simulation, edge_s, time_scale = _fit_pipeline(
+        actions, lambda rank, action: stretch * times.forward_s[rank][action.chunk],
+        lambda rank, action: stretch * times.backward_s[rank][action.chunk],
+        step_estimate.step_time_s - times.grad_sync_s - times.optimizer_s)
+    events = [replace(e, start_s=e.start_s * time_scale, end_s=e.end_s * time_scale) if time_scale != 1.0 else e
+              for e in events_from_simulation(simulation)]
+    rank_end = [max(e.end_s for e in events if e.rank == rank) for rank in range(plan.pipeline_parallel)]
+    if times.grad_sync_s > 0:
+        events += [TimelineEvent(rank, "gradient all-reduce", ALLREDUCE_KIND, end, end + times.grad_sync_s)
+                   for rank, end in enumerate(rank_end)]
+        rank_end = [end + times.grad_sync_s for end in rank_end]
+    optimizer_start = max(rank_end)
+    step_end = optimizer_start + times.optimizer_s
+    if times.optimizer_s > 0:
+        events += [TimelineEvent(rank, "optimizer step", OPTIMIZER_KIND, optimizer_start, step_end)
+                   for rank in range(plan.pipeline_parallel)]
+    step_start = min(e.start_s for e in events)
+    return PredictedSchedule(plan, times, simulation, tuple(events), step_end - step_start, step_estimate,
+                             edge_s, time_scale)
+
+
+def _fit_pipeline(actions: list[list[Action]], forward, backward, span_s: float
+                  ) -> tuple[PipelineSimulation, float, float]:
+    """(simulation, edge seconds, time scale) of `actions` lasting `span_s` (module docstring).
+
+    With a fixed order per rank the makespan is the longest path of the dependency graph: a
+    convex, piecewise-linear, non-decreasing function of the edge wait. Newton's method from a
+    wait that is surely too long (the first forward's path to the last backward crosses ranks at
+    least twice) then approaches the root from above and lands on it once on its linear piece."""
+    def run(edge: float) -> PipelineSimulation:
+        return simulate(actions, forward, backward, p2p_time=edge)
+
+    simulation = run(0.0)
+    if len(actions) == 1 or simulation.makespan >= span_s:
+        return simulation, 0.0, span_s / simulation.makespan if simulation.makespan > 0 else 1.0
+    edge = span_s / 2
+    simulation = run(edge)
+    for _ in range(FIT_STEPS):
+        excess = simulation.makespan - span_s
+        if excess <= FIT_TOLERANCE * span_s:
+            break
+        probe = edge * 1e-6
+        slope = (simulation.makespan - run(edge - probe).makespan) / probe
+        edge -= excess / slope
+        simulation = run(edge)
+    return simulation, edge, 1.0
+
+
+__all__ = ["ActionTimes", "PredictedSchedule", "action_times", "predict_schedule"]
