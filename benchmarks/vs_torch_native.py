@@ -26,7 +26,7 @@ processes on a shared machine disturb less come with it: the ratio of the two si
 steps, and the paired ratio of CPU seconds summed over the ranks (work plus framework overhead).
 
 Bubble: measured on modelpar's side from the executor's per-action compute timers, with the
-planner's definition (`planner.pipeline.PipelineSimulation.bubble_fraction`): over one step,
+planner's definition (`schedules.simulate.PipelineSimulation.bubble_fraction`): over one step,
 1 - max_r busy_r / makespan, where busy_r is the summed compute time of rank r and the makespan
 runs from the first compute start to the last compute end on any rank. The idle share of the
 busiest rank is what the schedule cannot fill: every other rank also waits on data dependencies
@@ -256,7 +256,7 @@ def pipeline_worker(rank: int, world_size: int, config: BenchConfig) -> dict:
 
     chunks = build_chunks(init_gpt(spec, config.seed), ctx.pipeline_rank, p)
     timeline = Timeline()
-    executor = PipelineExecutor(chunks, PipelineTopology.from_context(ctx), build_schedule("1f1b", p, m)[rank], m,
+    executor = PipelineExecutor(chunks, PipelineTopology.from_context(ctx), build_schedule("1f1b", p, m), m,
                                 (b, spec.seq_length, spec.hidden_size), torch.float32, "cpu", timeline=timeline)
     serial_for_theirs = init_gpt(spec, config.seed)
     stage_module = native_stage_module(serial_for_theirs, stage_layer_ranges(spec.num_layers, p)[rank], first, last)
@@ -305,14 +305,14 @@ def pipeline_worker(rank: int, world_size: int, config: BenchConfig) -> dict:
         with torch.no_grad():
             first_loss["serial"] = float(init_gpt(spec, config.seed)(tokens, targets))
 
-    block_events: list[list[tuple]] = []
+    block_events: list[list] = []  # schedules.events.TimelineEvent
     marks = {}
 
     def on_ours_block(where: str) -> None:
         if where == "start":
             marks["first_event"] = len(timeline.events)
         else:
-            block_events.append([e.as_tuple() for e in timeline.events[marks["first_event"]:]])
+            block_events.append(timeline.events[marks["first_event"]:])
 
     pairs = run_interleaved_pairs(step_ours, step_theirs, config.repeats, config.steps, config.warmup_steps,
                                   on_ours_block)
@@ -370,9 +370,9 @@ def measured_bubbles(rank_results: list[dict]) -> dict:
             compute, recv = [], []
             for result in rank_results:
                 start, end, _ = result["pairs"][block]["ours"][k]
-                events = [e for e in result["ours_events"][block] if start <= e[1] and e[2] <= end]
-                compute.append([(e[1], e[2]) for e in events if e[3] == "compute"])
-                recv.append(sum(e[2] - e[1] for e in events if e[3] == "recv"))
+                events = [e for e in result["ours_events"][block] if start <= e.start_s and e.end_s <= end]
+                compute.append([(e.start_s, e.end_s) for e in events if e.kind in ("forward", "backward")])
+                recv.append(sum(e.duration_s for e in events if e.kind == "recv"))
             makespan = max(s[-1][1] for s in compute) - min(s[0][0] for s in compute)
             busy = [sum(end - start for start, end in spans) for spans in compute]
             busiest.append(1.0 - max(busy) / makespan)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pytest
 
+from modelpar.schedules.events import COMPUTE_KINDS
+
 from .harness import Case, launch_cases, make_plan, serial_reference, training_mismatches
 from .test_equivalence import GPT, LLAMA
 
@@ -34,7 +36,8 @@ CASES = [
 
 
 def _p2p_mode_and_event_kinds(trainer, ctx) -> tuple[str, list[str]]:
-    return trainer.executor.p2p_mode, sorted({event.kind for event in trainer.timeline.events})
+    return trainer.executor.p2p_mode, sorted({"compute" if event.kind in COMPUTE_KINDS else event.kind
+                                              for event in trainer.timeline.events})
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from modelpar.runtime.data_parallel import all_reduce_gradients
 from modelpar.runtime.pipeline import (PipelineExecutor, PipelineTopology, build_chunks, stage_layer_ranges,
                                        tied_parameters)
 from modelpar.schedules.actions import Action, build_schedule
+from modelpar.schedules.events import COMPUTE_KINDS
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import MODEL_PRESETS
 from modelpar.commands import train as train_command
@@ -78,7 +79,7 @@ def _run_schedule(rank: int, p: int, d: int, schedule: str, v: int, m: int) -> d
     model = init_gpt(SPEC, SEED)
     chunks = build_chunks(model, ctx.pipeline_rank, p, v)
     executor = PipelineExecutor(chunks, PipelineTopology.from_context(ctx, v),
-                                build_schedule(schedule, p, m, v)[ctx.pipeline_rank], m,
+                                build_schedule(schedule, p, m, v), m,
                                 (MICRO_BATCH, SPEC.seq_length, SPEC.hidden_size))
     batch_size = MICRO_BATCH * m * d
     batch = make_token_source("synthetic", SPEC.vocab_size, SEED).global_batch(0, batch_size, SPEC.seq_length)
@@ -98,11 +99,11 @@ def _run_schedule(rank: int, p: int, d: int, schedule: str, v: int, m: int) -> d
             serial = chunk.serial_name(name)
             grads["embedding.token.weight" if serial == "head.output.weight" else serial] = param.grad.clone()
     events = executor.timeline.events
-    computed = sorted((e.action for e in events if e.kind == "compute"))
+    computed = sorted((e.name for e in events if e.kind in COMPUTE_KINDS))
     return {"loss": None if loss is None else float(loss), "grads": grads, "computed": computed,
             "actions": sorted(str(a) for a in executor.actions),
             "recv_events": sum(e.kind == "recv" for e in events),
-            "bad_interval": any(e.end < e.start for e in events), "data_rank": ctx.data_rank}
+            "bad_interval": any(e.end_s < e.start_s for e in events), "data_rank": ctx.data_rank}
 
 
 def _schedule_worker(rank: int, world_size: int) -> dict:
@@ -112,7 +113,7 @@ def _schedule_worker(rank: int, world_size: int) -> dict:
         dist.barrier()
     try:  # an action list that misses an action is refused before anything runs
         PipelineExecutor(build_chunks(init_gpt(SPEC, SEED), 0, 4), PipelineTopology(0, 4, 1, (0, 1, 2, 3)),
-                         [Action("F", 0, 0)], 2, (MICRO_BATCH, SPEC.seq_length, SPEC.hidden_size))
+                         [[Action("F", 0, 0)]] * 4, 2, (MICRO_BATCH, SPEC.seq_length, SPEC.hidden_size))
         results["bad_actions"] = "accepted"
     except ValueError as error:
         results["bad_actions"] = str(error)

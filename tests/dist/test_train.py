@@ -38,7 +38,9 @@ def test_train_json_summary_and_checkpoint_into_another_layout(tmp_path, capsys)
     assert first["plan"]["tensor_parallel"] == 2 and first["plan"]["sequence_parallel"] is True
     assert first["predicted"]["step_time_s"] > 0 and first["mfu"] > 0
     assert set(first["timeline"]) == {"0", "1", "2", "3"}
-    assert {event[3] for event in first["timeline"]["0"]} >= {"compute", "send", "grad_sync", "optimizer"}
+    kinds = {"compute" if event["kind"] in ("forward", "backward") else event["kind"]
+             for event in first["timeline"]["0"]}
+    assert kinds >= {"compute", "send", "grad_sync", "optimizer"}
 
     state, metadata = load_checkpoint(checkpoint)
     assert metadata["plan"]["pipeline_parallel"] == 2

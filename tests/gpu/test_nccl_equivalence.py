@@ -25,6 +25,7 @@ from dist.harness import Case, Tolerances, launch_cases, make_plan, serial_refer
 from dist.test_batched_p2p import CASES as BATCHED_CASES
 from dist.test_equivalence import CASES, GPT
 from modelpar.runtime.launch import RankFailure, spawn
+from modelpar.schedules.events import COMPUTE_KINDS
 from modelpar.training.trainer import peak_memory_bytes
 
 pytestmark = pytest.mark.gpu
@@ -61,8 +62,8 @@ def _inspect_on_gpu(trainer, ctx) -> dict:
     events = list(trainer.timeline.events)
     return {"mode": trainer.executor.p2p_mode, "device": str(ctx.device),
             "off_device": _tensors_off_device(trainer, ctx.device), "peak": peak_memory_bytes(ctx.device),
-            "compute_s": sum(e.end - e.start for e in events if e.kind == "compute"),
-            "bad_events": sum(e.end < e.start for e in events)}
+            "compute_s": sum(e.duration_s for e in events if e.kind in COMPUTE_KINDS),
+            "bad_events": sum(e.end_s < e.start_s for e in events)}
 
 
 @pytest.fixture(scope="module")

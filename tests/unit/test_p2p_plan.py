@@ -153,13 +153,13 @@ def test_cuda_timeline_spans_map_event_times_onto_perf_counter(monkeypatch):
     timeline.clock = _CudaClock("cuda", event_factory=_FakeEvent, synchronize=lambda: synchronised.append(1))
     monkeypatch.setattr("modelpar.runtime.timeline.time.perf_counter", lambda: 100.0)
     _FakeEvent.now_ms = 5.0
-    with timeline.span("F(chunk 0, micro-batch 0)", "compute"):
+    with timeline.span("compute", "F(chunk 0, micro-batch 0)"):
         _FakeEvent.now_ms = 9.0  # the kernels of the span take 4 ms of GPU time
-    with timeline.span("B(chunk 0, micro-batch 0)", "compute"):
+    with timeline.span("compute", "B(chunk 0, micro-batch 0)"):
         _FakeEvent.now_ms = 15.0
     assert len(synchronised) == 1  # the anchor only; events are resolved lazily
     events = timeline.events
-    assert [(e.start, e.end) for e in events] == [(100.0, pytest.approx(100.004)), (pytest.approx(100.004),
+    assert [(e.start_s, e.end_s) for e in events] == [(100.0, pytest.approx(100.004)), (pytest.approx(100.004),
                                                                                      pytest.approx(100.010))]
     assert len(synchronised) == 2 and timeline.events == events  # resolved once, kept
     assert timeline.total("compute") == pytest.approx(0.010)

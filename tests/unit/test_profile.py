@@ -19,7 +19,9 @@ from modelpar.profiling.fits import (REFERENCE_LAYERS, TENSOR_COLLECTIVES_PER_LA
 from modelpar.schedules.simulate import simulate
 from modelpar.planner.shared_host import simulate_shared
 from modelpar.planner import prediction
+from modelpar.report import comparison
 from modelpar.schedules.actions import build_schedule
+from modelpar.schedules.events import TimelineEvent
 from modelpar.specs import CLUSTER_PRESETS, MODEL_PRESETS, ClusterSpec, ParallelPlan, SpecError, load_cluster
 from modelpar.specs.cluster import DeviceSpec, SharedHostProfile
 from modelpar.specs.io import load_local_cluster
@@ -316,33 +318,44 @@ def test_prediction_has_the_six_keys_and_adds_up():
     assert predicted["activation_bytes_per_layer"] > 0
 
 
+def test_bf16_prediction_counts_the_runtimes_fp32_main_gradients():
+    plan = ParallelPlan(2, 2, 1, 1, 1, 2, 8, True, "none", 0, "1f1b")
+    memory = prediction.predict(SMALL, plan, local_cluster(), "bf16")["memory"]
+    assert memory["gradients"] == 2 * memory["parameters"]  # bf16 weights, fp32 main_grad: 18 bytes/parameter
+
+
+def spans(*rows):
+    """TimelineEvents of rows (start, end, kind, name)."""
+    return [TimelineEvent(0, name, kind, start, end) for start, end, kind, name in rows]
+
+
 def test_collective_waits_split_a_late_peer_from_the_transfer():
     # rank 0 enters the all-reduce at t=1.0, rank 1 at t=3.0; both leave at t=3.5
     label = "all_reduce 0,1 #1"
-    events = [[(0.0, 1.0, "compute", "F"), (1.0, 3.5, "collective", label)],
-              [(0.0, 3.0, "compute", "F"), (3.0, 3.5, "collective", label)]]
-    waits = prediction.collective_waits(events)
+    events = [spans((0.0, 1.0, "forward", "F"), (1.0, 3.5, "collective", label)),
+              spans((0.0, 3.0, "forward", "F"), (3.0, 3.5, "collective", label))]
+    waits = comparison.collective_waits(events)
     assert waits[0] == {1: pytest.approx(2.0)} and waits[1] == {1: pytest.approx(0.0)}
-    early = prediction.step_breakdown(events[0], 3.6, waits[0])
+    early = comparison.step_breakdown(events[0], 3.6, waits[0])
     assert early == pytest.approx({"compute_s": 1.0, "communication_s": 0.5, "bubble_s": 2.1})
 
 
 def test_an_asynchronous_collective_arrives_when_launched():
     # both launch, compute, then wait: rank 1 launched at 2.0, so rank 0's wait from 1.5 idles 0.5
     label = "all_gather 0,1 #1"
-    events = [[(0.2, 0.2, "collective_launch", label), (1.5, 2.6, "collective", label)],
-              [(2.0, 2.0, "collective_launch", label), (2.5, 2.6, "collective", label)]]
-    waits = prediction.collective_waits(events)
+    events = [spans((0.2, 0.2, "collective_launch", label), (1.5, 2.6, "collective", label)),
+              spans((2.0, 2.0, "collective_launch", label), (2.5, 2.6, "collective", label))]
+    waits = comparison.collective_waits(events)
     assert waits[0] == {1: pytest.approx(0.5)} and waits[1] == {1: pytest.approx(0.0)}
 
 
 def test_collectives_inside_compute_move_to_communication():
-    events = [(0.0, 1.0, "compute", "F"), (0.2, 0.3, "collective", "all_reduce 0,1 #1"),
-              (1.0, 1.2, "recv", "B"), (1.2, 2.0, "compute", "B"), (2.0, 2.1, "send", "B"),
-              (2.1, 2.5, "grad_sync", "step"), (2.2, 2.4, "collective", "all_reduce 0,1 #2"),
-              (2.5, 2.6, "collective", "all_reduce 0,1 #3"), (2.6, 2.9, "optimizer", "optimizer")]
+    events = spans((0.0, 1.0, "forward", "F"), (0.2, 0.3, "collective", "all_reduce 0,1 #1"),
+                   (1.0, 1.2, "recv", "B"), (1.2, 2.0, "backward", "B"), (2.0, 2.1, "send", "B"),
+                   (2.1, 2.5, "grad_sync", "step"), (2.2, 2.4, "collective", "all_reduce 0,1 #2"),
+                   (2.5, 2.6, "collective", "all_reduce 0,1 #3"), (2.6, 2.9, "optimizer", "optimizer"))
     waits = {5: 0.0, 6: 0.15, 7: 0.0}
-    got = prediction.step_breakdown(events, 3.0, waits)
+    got = comparison.step_breakdown(events, 3.0, waits)
     assert got["compute_s"] == pytest.approx(1.0 - 0.1 + 0.8 + 0.3)
     assert got["communication_s"] == pytest.approx(0.1 + 0.1 + (0.4 - 0.15) + 0.1)
     assert got["compute_s"] + got["communication_s"] + got["bubble_s"] == pytest.approx(3.0)
@@ -351,10 +364,10 @@ def test_collectives_inside_compute_move_to_communication():
 def test_measured_times_take_the_busiest_rank_and_errors_are_ratios():
     ranks = [{"step_time_s": 1.0, "compute_s": 0.6, "communication_s": 0.1},
              {"step_time_s": 1.1, "compute_s": 0.8, "communication_s": 0.05}]
-    measured = prediction.measured_times(ranks)
+    measured = comparison.measured_times(ranks)
     assert measured == pytest.approx({"step_time_s": 1.1, "compute_s": 0.8, "communication_s": 0.05,
                                       "bubble_s": 0.25})
-    errors = prediction.relative_errors({"step_time_s": 1.21, "compute_s": 0.4, "bubble_s": 0.0},
+    errors = comparison.relative_errors({"step_time_s": 1.21, "compute_s": 0.4, "bubble_s": 0.0},
                                         {**measured, "communication_s": 0.0})
     assert errors["step_time_s"] == pytest.approx(0.1) and errors["compute_s"] == pytest.approx(-0.5)
     assert errors["communication_s"] is None and errors["peak_memory_bytes"] is None

@@ -5,7 +5,6 @@ import json
 import struct
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -23,6 +22,7 @@ from modelpar.report.timeline import (
     gantt_png,
     side_by_side_png,
     timeline_bubble_fraction,
+    timeline_span,
     write_chrome_trace,
 )
 from modelpar.schedules.actions import build_schedule
@@ -88,11 +88,14 @@ def test_timeline_bubble_fraction_matches_the_simulator(schedule, v):
 
 
 def test_events_from_runtime_parses_actions_and_kinds():
-    spans = {
-        "0": [("F(chunk 0, micro-batch 3)", 0.0, 0.5, "compute"), ("F(chunk 0, micro-batch 3)", 0.5, 0.6, "send"),
-              ("step 0", 0.7, 0.9, "grad_sync"), ("optimizer", 0.9, 1.0, "optimizer")],
-        "1": [SimpleNamespace(action="F(chunk 1, micro-batch 3)", start=0.1, end=0.6, kind="recv"),
-              SimpleNamespace(action="B(chunk 1, micro-batch 3)", start=0.6, end=0.8, kind="compute")],
+    f3 = {"name": "F(chunk 0, micro-batch 3)", "micro_batch": 3, "chunk": 0, "stage": 0}
+    spans = {  # rank 0 as stored in a summary (dicts), rank 1 as recorded (TimelineEvent)
+        "0": [dict(rank=0, kind="forward", start_s=0.0, end_s=0.5, **f3), dict(rank=0, kind="send", start_s=0.5,
+                                                                              end_s=0.6, **f3),
+              TimelineEvent(0, "step 0", "grad_sync", 0.7, 0.9).to_dict(),
+              TimelineEvent(0, "optimizer", "optimizer", 0.9, 1.0).to_dict()],
+        "1": [TimelineEvent(1, "F(chunk 1, micro-batch 3)", "recv", 0.1, 0.6, 3, 1, 3),
+              TimelineEvent(1, "B(chunk 1, micro-batch 3)", "backward", 0.6, 0.8, 3, 1, 3)],
     }
     events = events_from_runtime(spans)
     by_rank_kind = {(e.rank, e.kind): e for e in events}
@@ -103,7 +106,7 @@ def test_events_from_runtime_parses_actions_and_kinds():
     assert by_rank_kind[(0, "optimizer")].micro_batch is None
     assert by_rank_kind[(1, "recv")].chunk == 1
     assert by_rank_kind[(1, "backward")].name == "B3b"
-    assert events_from_runtime([[("F(chunk 0, micro-batch 0)", 0.0, 1.0, "compute")]])[0].name == "F0"
+    assert events_from_runtime([[TimelineEvent(0, "", "forward", 0.0, 1.0, 0, 0, 0)]])[0].name == "F0"
 
 
 # --- Chrome trace -------------------------------------------------------------------------------
@@ -235,6 +238,19 @@ def test_predicted_busy_time_is_the_cost_models_compute(model_name, full):
                 for index in (0 if r == 0 else 2 if r == p - 1 else 1 for r in range(p))]
     assert predicted.simulation.busy_time == pytest.approx(expected, rel=1e-9)
     assert predicted.step_time_s == pytest.approx(predicted.estimate.step_time_s, rel=0.15)
+
+
+@pytest.mark.parametrize("full", [plan("1f1b", 4, 8), plan("interleaved", 4, 8, 2), plan("gpipe", 2, 4, d=2)])
+def test_predicted_timeline_draws_the_estimates_step_and_compute(full):
+    """One source of truth: the drawn step is the estimate's, the busiest rank's drawn forward +
+    backward time its compute + tensor-parallel time."""
+    predicted = predict_schedule(load_model("gpt-tiny"), load_cluster("dgx-a100-80gb"), full)
+    start, end = timeline_span(predicted.events)
+    assert end - start == pytest.approx(predicted.estimate.step_time_s, rel=1e-9)
+    busy = [sum(e.duration_s for e in predicted.events if e.rank == rank and e.kind in ("forward", "backward"))
+            for rank in range(full.pipeline_parallel)]
+    parts = predicted.estimate.breakdown
+    assert max(busy) == pytest.approx(parts["compute_s"] + parts["tensor_parallel_comm_s"], rel=1e-9)
 
 
 def test_data_parallel_tail_follows_each_ranks_last_backward():

@@ -32,95 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from modelpar.commands import flags
+from modelpar.planner.schedule_prediction import PredictedSchedule, predict_schedule
 from modelpar.report.timeline import gantt_png, write_chrome_trace
-from modelpar.specs import ClusterSpec, ModelSpec, ParallelPlan, SpecError, load_plan
+from modelpar.specs import SpecError, load_plan
 from modelpar.specs.plan import COMPLETION_DEFAULTS, complete_plan
-
-
-@dataclass(frozen=True)
-class ActionTimes:
-    """Seconds per micro-batch of each (pipeline rank, chunk)'s forward and backward, and of one
-    transfer between stages; the data-parallel tail of the step."""
-
-    forward_s: tuple[tuple[float, ...], ...]   # [rank][chunk]
-    backward_s: tuple[tuple[float, ...], ...]  # [rank][chunk]
-    p2p_s: float
-    grad_sync_s: float   # exposed data-parallel communication after a rank's last backward (0 for d = 1)
-    optimizer_s: float
-
-
-@dataclass(frozen=True)
-class PredictedSchedule:
-    """The simulated step of a plan: the pipeline simulation, its events (with the data-parallel
-    and optimizer tail), the durations used and the cost model's estimate of the same plan."""
-
-    plan: ParallelPlan
-    times: ActionTimes
-    simulation: object          # planner.pipeline.PipelineSimulation
-    events: tuple               # report.timeline.TimelineEvent, forward/backward + allreduce + optimizer
-    step_time_s: float          # first forward start to last optimizer end
-    estimate: object            # planner.cost.StepEstimate
-
-
-def action_times(
-    model: ModelSpec, cluster: ClusterSpec, plan: ParallelPlan, grad_sync_s: float = 0.0, optimizer_s: float = 0.0
-) -> ActionTimes:
-    """Per-(rank, chunk) forward/backward seconds and the transfer time (see module docstring);
-    `grad_sync_s` and `optimizer_s` (the step's tail) are passed through."""
-    from modelpar.planner import cost
-
-    t, p, v = plan.tensor_parallel, plan.pipeline_parallel, plan.virtual_stages
-    b = plan.micro_batch_size
-    sp = bool(plan.sequence_parallel) and t > 1
-    stages = cost.stage_times(model, cluster, t, p, v, b, sp, plan.recompute)
-
-    def per_rank(seconds) -> tuple[tuple[float, ...], ...]:
-        return tuple(tuple(seconds(stages[chunk * p + rank]) for chunk in range(v)) for rank in range(p))
-
-    forward = per_rank(lambda stage: stage.compute_forward + stage.comm_forward)
-    backward = per_rank(lambda stage: stage.compute_backward + stage.comm_backward)
-    p2p = cost.p2p_per_transfer(model, cluster, b, t, p, sp)
-    return ActionTimes(forward, backward, p2p, grad_sync_s, optimizer_s)
-
-
-def predict_schedule(
-    model: ModelSpec, cluster: ClusterSpec, plan: ParallelPlan, num_devices: int | None = None
-) -> PredictedSchedule:
-    """Simulate one step of a complete `plan` (raises SpecError if it cannot run)."""
-    from modelpar.planner.cost import estimate
-    from modelpar.schedules.simulate import simulate
-    from modelpar.report.timeline import TimelineEvent, events_from_simulation
-    from modelpar.schedules.actions import build_schedule
-
-    num_devices = num_devices or plan.world_size
-    step_estimate = estimate(model, cluster, num_devices, plan)
-    times = action_times(model, cluster.for_world_size(plan.world_size), plan,
-                         step_estimate.breakdown.get("data_parallel_comm_s", 0.0),
-                         step_estimate.breakdown.get("optimizer_s", 0.0))
-    actions = build_schedule(plan.schedule, plan.pipeline_parallel, plan.num_micro_batches, plan.virtual_stages)
-    simulation = simulate(
-        actions,
-        lambda rank, action: times.forward_s[rank][action.chunk],
-        lambda rank, action: times.backward_s[rank][action.chunk],
-        p2p_time=times.p2p_s,
-    )
-    events = events_from_simulation(simulation)
-    rank_end = [max(e.end_s for e in events if e.rank == rank) for rank in range(plan.pipeline_parallel)]
-    if times.grad_sync_s > 0:
-        events += [TimelineEvent(rank, "gradient all-reduce", "allreduce", end, end + times.grad_sync_s)
-                   for rank, end in enumerate(rank_end)]
-        rank_end = [end + times.grad_sync_s for end in rank_end]
-    optimizer_start = max(rank_end)
-    step_end = optimizer_start + times.optimizer_s
-    if times.optimizer_s > 0:
-        events += [TimelineEvent(rank, "optimizer step", "optimizer", optimizer_start, step_end)
-                   for rank in range(plan.pipeline_parallel)]
-    step_start = min(e.start_s for e in events)
-    return PredictedSchedule(plan, times, simulation, tuple(events), step_end - step_start, step_estimate)
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ import json
 import sys
 
 from modelpar.commands import flags
-from modelpar.specs import ParallelPlan, SpecError, load_cluster, load_model, load_plan
+from modelpar.report.comparison import print_comparison
+from modelpar.report.timeline import events_from_runtime, gantt_png, side_by_side_png, write_chrome_trace
+from modelpar.schedules.events import TimelineEvent
+from modelpar.specs import ParallelPlan, load_cluster, load_model, load_plan
 from modelpar.schedules.p2p import P2P_MODES
 from modelpar.specs.plan import RUNTIME_ZERO_STAGES, complete_plan
 from modelpar.training.trainer import (DEFAULT_CLIP_GRAD, DEFAULT_LEARNING_RATE, DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY,
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if summary is None:  # torchrun rank other than 0
         return 0
-    write_pictures(summary, model, plan_from_summary(summary), cluster, args.png, args.trace)
+    write_pictures(summary, args.png, args.trace)
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -97,39 +100,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_from_summary(summary: dict) -> ParallelPlan:
-    return ParallelPlan(**summary["plan"])
-
-
-def write_pictures(summary: dict, model, plan: ParallelPlan, cluster, png: str | None, trace: str | None) -> None:
-    """--png: predicted (the planner's simulated schedule, when a cluster is known) above the
-    measured last step; --trace: the measured timeline as Chrome trace JSON."""
+def write_pictures(summary: dict, png: str | None, trace: str | None) -> None:
+    """--png: the predicted step stored in the summary (the timeline of the run's one prediction,
+    `planner.prediction.predict`, when there is one) above the measured last step; --trace: the
+    measured timeline as Chrome trace JSON."""
     if not png and not trace:
         return
-    from modelpar.report.timeline import events_from_runtime, gantt_png, side_by_side_png, write_chrome_trace
-
     measured = events_from_runtime(summary["timeline"])
     if trace:
         write_chrome_trace(measured, trace)
         summary["trace"] = trace
     if png:
-        predicted = []
-        if cluster is None:
-            from modelpar.specs.io import load_local_cluster
-
-            try:
-                cluster = load_local_cluster()
-            except SpecError:
-                cluster = None
-        if cluster is not None:
-            from modelpar.commands.simulate import predict_schedule
-
-            predicted = predict_schedule(model, cluster, plan).events
+        prediction = summary.get("prediction") or {}
+        predicted = [TimelineEvent(**fields) for fields in prediction.get("timeline", ())]
         if predicted:
-            title = f"{model.name}: predicted (cluster {cluster.name}) vs measured step"
+            title = f"{summary['model']}: predicted (cluster {prediction['cluster']}) vs measured step"
             side_by_side_png(predicted, measured, png, title=title, share_time_axis=True)
         else:  # nothing to predict with: run `modelpar profile` or pass --cluster
-            gantt_png(measured, png, title=f"{model.name}: measured step (no cluster for a prediction)")
+            gantt_png(measured, png, title=f"{summary['model']}: measured step (no prediction: "
+                                           f"{prediction.get('error')})")
         summary["png"] = png
 
 
@@ -137,8 +126,6 @@ def print_summary(summary: dict) -> None:
     """Human-readable result: the plan, losses, and measured vs predicted step time (compute,
     communication, bubble), memory and throughput, with the relative error of each."""
     from rich.console import Console
-
-    from modelpar.planner.prediction import print_comparison
 
     plan = summary["plan"]
     console = Console()

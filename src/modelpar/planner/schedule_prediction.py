@@ -1,36 +1,29 @@
 """The predicted step of a plan as a timeline: what `modelpar simulate` draws and what
 `modelpar train --png` puts above the measured step (`planner.prediction.predict` carries it).
 
-Source of truth: `planner.cost.estimate`. Its step is not a schedule simulation (the bubble is the
-schedule's unit-time idle share times the mean rank time, and every pipeline transfer is on the
-critical path), so the timeline is built to show exactly the estimate's numbers:
+Source of truth: `planner.cost.estimate`, whose step is not a schedule simulation (its bubble is
+the schedule's unit-time idle share times the mean rank time, and every pipeline transfer is on
+the critical path). The timeline is built to show the estimate's numbers:
 
-- the schedule's real action lists (`schedules.actions.build_schedule`) are placed in time by
-  `schedules.simulate.simulate` with per-action durations from the cost model's own pieces
-  (`cost.stage_times`): forward of chunk c on pipeline rank r (global stage g = c p + r, L / (p v)
-  layers) = layers x (layer forward compute + tensor-parallel forward collectives), + the
-  embedding forward on stage 0 and the head (final norm, logits, loss) forward on the last stage
-  with their vocabulary-parallel collectives; backward: layers x (recomputed forward + backward
-  + their collectives), + the embedding/head backward. A rank's forward + backward time is the
-  cost model's compute + tensor-parallel time of that rank (tests/unit/test_timeline.py checks
-  it); on a host whose cores the ranks share (`ClusterSpec.shares_cores`) every duration is
-  stretched by one factor so that the busiest rank's is the estimate's processor-shared time;
-- the wait on each dependency between ranks (`PredictedSchedule.edge_s`) is fitted so that the
-  simulated pipeline lasts what the estimate gives it: compute + tensor-parallel + bubble +
-  pipeline p2p of the busiest rank (the list schedule with the cost model's transfer time,
-  `ActionTimes.p2p_s`, hides most transfers in slack and comes out a few per cent shorter). Then
-  the busiest rank's drawn busy time is the estimate's compute + tensor-parallel time and its
-  idle time the estimate's bubble + p2p. Should the schedule be longer than that even without
-  any wait (unequal stages, processor sharing), edge_s is 0 and the pipeline part is compressed
-  in time by `time_scale` < 1 instead;
-- after its last backward each rank spends the estimate's exposed data-parallel time
-  (`breakdown["data_parallel_comm_s"]`) in an "allreduce" event, and all ranks step the optimizer
-  (`breakdown["optimizer_s"]`) once the last of them is done (the global gradient norm
-  synchronises them). Lumping ZeRO-3's exposed per-micro-batch traffic at the end keeps the step
-  time, not its place in the pipeline.
+- the schedule's action lists are placed in time by `schedules.simulate.simulate` with the cost
+  model's per-action durations (`cost.stage_times`: a chunk's layers, + the embedding on stage 0
+  and the head on the last, each with its tensor-parallel collectives; the backward includes
+  the recomputation), so a rank's forward + backward time is its compute + tensor-parallel time
+  (tests/unit/test_timeline.py); every duration is stretched by the one factor that makes the
+  busiest rank's the estimate's (1 unless ranks share a host's cores, `ClusterSpec.shares_cores`);
+- the wait on each dependency between ranks (`PredictedSchedule.edge_s`, in place of the cost
+  model's transfer time `ActionTimes.p2p_s`, which the list schedule mostly hides in slack) is
+  fitted so that the pipeline lasts the estimate's compute + tensor-parallel + bubble + pipeline
+  p2p of the busiest rank: its drawn busy time is then the estimate's compute, its idle time the
+  estimate's bubble + p2p. Should the schedule be longer than that even without waits (unequal
+  stages, processor sharing), edge_s is 0 and the pipeline part is compressed in time instead
+  (`time_scale` < 1);
+- after its last backward each rank spends the estimate's exposed data-parallel time in an
+  "allreduce" event (ZeRO-3's per-micro-batch traffic lumped there too), and all ranks step the
+  optimizer once the last of them is done (the global gradient norm synchronises them).
 
-So `PredictedSchedule.step_time_s`, from the first forward to the last optimizer end, is the
-estimate's step (to rounding), and the picture and the prediction table agree.
+So `PredictedSchedule.step_time_s`, first forward to last optimizer end, is the estimate's step
+(to rounding): the picture and the prediction table agree.
 """
 
 from __future__ import annotations
@@ -135,7 +128,8 @@ def _fit_pipeline(actions: list[list[Action]], forward, backward, span_s: float
     With a fixed order per rank the makespan is the longest path of the dependency graph: a
     convex, piecewise-linear, non-decreasing function of the edge wait. Newton's method from a
     wait that is surely too long (the first forward's path to the last backward crosses ranks at
-    least twice) then approaches the root from above and lands on it once on its linear piece."""
+    least twice) approaches the root from above (the slope is a left difference) and lands on it
+    once on its linear piece."""
     def run(edge: float) -> PipelineSimulation:
         return simulate(actions, forward, backward, p2p_time=edge)
 
@@ -146,10 +140,12 @@ def _fit_pipeline(actions: list[list[Action]], forward, backward, span_s: float
     simulation = run(edge)
     for _ in range(FIT_STEPS):
         excess = simulation.makespan - span_s
-        if excess <= FIT_TOLERANCE * span_s:
+        if abs(excess) <= FIT_TOLERANCE * span_s:
             break
-        probe = edge * 1e-6
+        probe = min(edge, span_s * 1e-9)
         slope = (simulation.makespan - run(edge - probe).makespan) / probe
+        if slope <= 0:
+            break
         edge -= excess / slope
         simulation = run(edge)
     return simulation, edge, 1.0

@@ -18,7 +18,7 @@ one pipeline; the t x d ranks of the same pipeline rank (tensor-parallel peers, 
 replicas) run in lockstep, so a computing pipeline rank counts as t d computing ranks. An action
 is its CPU work (solo seconds, shared) followed by its communication (tensor-parallel
 collectives: seconds, not shared: a rank waiting for a message uses no core); a dependency on
-another pipeline rank adds `p2p_s` (the dependencies are `schedules.dependencies.needs`).
+another pipeline rank adds `p2p_s` (the dependencies: `schedules.dependencies.chunk_needs`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from modelpar.caching import memo
 from modelpar.schedules.actions import FORWARD, Action, build_schedule, global_stage
-from modelpar.schedules.dependencies import key_of, needs
+from modelpar.schedules.dependencies import chunk_needs, key_of
 
 WorkFn = Callable[[int, Action], float]
 
@@ -52,7 +52,7 @@ def simulate_shared(actions: Sequence[Sequence[Action]], work: WorkFn, communica
     `cores`: C. Raises RuntimeError when the action lists cannot progress (an invalid schedule).
     """
     p = len(actions)
-    total_stages = p * (1 + max((a.chunk for rank in actions for a in rank), default=0))
+    needed = chunk_needs(p, 1 + max((a.chunk for rank in actions for a in rank), default=0))
     done: dict[tuple[str, int, int], float] = {}  # (kind, global stage, micro-batch) -> finish time
     position = [0] * p
     phase: list[str | None] = [None] * p  # None (idle), "cpu", "comm"
@@ -63,9 +63,10 @@ def simulate_shared(actions: Sequence[Sequence[Action]], work: WorkFn, communica
 
     def ready_at(rank: int) -> float | None:
         """When rank's next action may start (None: a dependency has not finished)."""
+        action = actions[rank][position[rank]]
         start = now
-        for key, remote in needs(actions[rank][position[rank]], rank, p, total_stages):
-            finished = done.get(key)
+        for kind, stage, remote in needed[rank, action.kind, action.chunk]:
+            finished = done.get((kind, stage, action.micro_batch))
             if finished is None:
                 return None
             start = max(start, finished + (p2p_s if remote else 0.0))

@@ -1,19 +1,7 @@
-"""Measured side of predicted vs measured, and the comparison table of a `modelpar train` run.
-
-The planner side (the same keys, `COMPARED_KEYS`) is `planner.prediction`; its docstring defines
-every key. Here, from the ranks' `schedules.events.TimelineEvent`s of each measured step:
-
-- compute_s: the forward, backward and optimizer spans minus the collectives timed inside them
-  (`runtime.instrument.timed_collectives`);
-- communication_s: 'collective' spans + 'grad_sync' spans (collectives nested in them counted
-  once) + 'send', less the time each collective waited for the last member of its group to
-  arrive (matched across ranks: `collective_waits`): that wait is idle time;
-- bubble_s: step - compute - communication.
-
-relative_error[key] = predicted / measured - 1 (None when the measurement is 0).
-
-Pure Python (no torch).
-"""
+"""Measured side of predicted vs measured (`planner.prediction` defines the keys and the
+predicted side), from the ranks' `schedules.events.TimelineEvent`s of each measured step, the
+relative errors (predicted / measured - 1, None when the measurement is 0) and the table of a
+`modelpar train` run. Pure Python (no torch)."""
 
 from __future__ import annotations
 
@@ -23,8 +11,8 @@ from collections.abc import Sequence
 from rich.table import Table
 
 from modelpar.planner.prediction import COMPARED_KEYS
-from modelpar.schedules.events import (COLLECTIVE_KIND, COMPUTE_KINDS, LAUNCH_KIND, OPTIMIZER_KIND, SEND_KINDS,
-                                       SYNC_KINDS, TimelineEvent)
+from modelpar.schedules.events import (COLLECTIVE_KIND, COMPUTE_KINDS, GRAD_SYNC_KIND, LAUNCH_KIND, OPTIMIZER_KIND,
+                                       SEND_KIND, TimelineEvent)
 
 BUSY_KINDS = (*COMPUTE_KINDS, OPTIMIZER_KIND)  # measured compute
 
@@ -60,9 +48,9 @@ def step_breakdown(events: Sequence[TimelineEvent], step_time_s: float, waits: d
     collectives nested in a gradient-sync span are counted by that span, less their waits."""
     waits = waits or {}
     compute_spans = [e for e in events if e.kind in BUSY_KINDS]
-    sync_spans = [e for e in events if e.kind in SYNC_KINDS]
+    sync_spans = [e for e in events if e.kind == GRAD_SYNC_KIND]
     compute = sum(e.duration_s for e in compute_spans)
-    communication = sum(e.duration_s for e in events if e.kind in SYNC_KINDS or e.kind in SEND_KINDS)
+    communication = sum(e.duration_s for e in events if e.kind in (GRAD_SYNC_KIND, SEND_KIND))
     for index, event in enumerate(events):
         if event.kind != COLLECTIVE_KIND:
             continue

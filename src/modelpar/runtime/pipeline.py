@@ -2,11 +2,11 @@
 
 Layout (Narayanan et al. 2021, Sec. 2.2; Megatron-LM's interleaved layout): the L layers are
 cut into p * v global stages of L / (p v) consecutive layers; pipeline rank r holds the v chunks
-whose global stage is c * p + r (`schedules.global_stage`). The embedding belongs to global
-stage 0 and the head (final norm, logits, loss) to global stage p v - 1.
+whose global stage is c * p + r (`schedules.actions.global_stage`). The embedding belongs to
+global stage 0 and the head (final norm, logits, loss) to global stage p v - 1.
 
-The interpreter runs one rank's list of `schedules.Action` in order, with the dependencies the
-schedule module states:
+The interpreter runs one rank's list of `schedules.actions.Action` in order, with the
+dependencies of `schedules.dependencies` (what it receives, what it sends):
 
 - F(c, i): global stage g = c p + r. Input: the micro-batch's tokens (g = 0) or the activation
   received from the rank holding stage g - 1. Output: sent to the rank holding g + 1, or, on the
@@ -24,13 +24,14 @@ Point-to-point, two modes (`p2p`, or the environment variable MODELPAR_P2P):
   and gloo matches on it, so the order in which two ranks post them does not matter. NCCL ignores
   tags and serialises a pair's operations on one stream, so this mode is refused there.
 - "batched" (NCCL's default; selectable on gloo to test it): the Megatron-LM /
-  torch.distributed.pipelining scheme of `runtime.p2p`: the pipeline's action lists are gathered
-  once, cut into lockstep rounds, and after each round a rank issues ONE `batch_isend_irecv`
-  with the message its action produced and the messages its neighbours produced for it, then
-  waits for it. All messages use tag 0: a pair's messages match by order alone, which
-  `p2p.check_exchange_programs` verifies at construction (correct by construction; a broken
-  list raises PipelineDeadlock here instead of hanging a GPU). gloo's sends are rendezvous
-  too, so running this mode on gloo exercises the same matching and deadlock-freedom.
+  torch.distributed.pipelining scheme of `schedules.p2p`: the whole schedule (every rank's list,
+  a pure function of the plan, so no collective) is cut into lockstep rounds, and after each
+  round a rank issues ONE `batch_isend_irecv` with the message its action produced and the
+  messages its neighbours produced for it, then waits for it. All messages use tag 0: a pair's
+  messages match by order alone, which `p2p.check_exchange_programs` verifies at construction
+  (correct by construction; a broken list raises PipelineDeadlock here instead of hanging a
+  GPU). gloo's sends are rendezvous too, so running this mode on gloo exercises the same
+  matching and deadlock-freedom.
 
 Once sent, a stage output's values are freed (`deallocate_output_data`, Megatron-LM's
 ``deallocate_output_tensor``): only its autograd node is needed until the backward pass, so a
@@ -53,7 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modelpar.schedules.p2p import ACTIVATION, GRADIENT, Exchange, check_exchange_programs, exchange_programs
+from modelpar.schedules.dependencies import ACTIVATION, Message, produces, receives
+from modelpar.schedules.p2p import Exchange, check_exchange_programs, exchange_programs
 from modelpar.schedules.actions import BACKWARD, FORWARD, Action, global_stage
 from modelpar.runtime.timeline import Timeline
 from modelpar.schedules.events import BACKWARD_KIND, FORWARD_KIND, RECV_KIND, SEND_KIND, SEND_WAIT_KIND
@@ -170,10 +172,6 @@ class PipelineTopology:
     def global_stage(self, chunk: int) -> int:
         return global_stage(self.pipeline_rank, chunk, self.num_stages)
 
-    def rank_of_stage(self, stage: int) -> int:
-        """Global rank holding global stage `stage`."""
-        return self.pipeline_global_ranks[stage % self.num_stages]
-
     @classmethod
     def from_context(cls, ctx, virtual_stages: int = 1) -> "PipelineTopology":
         if ctx.dims.pipeline == 1:
@@ -212,20 +210,21 @@ def resolve_p2p_mode(requested: str | None, backend: str) -> str:
 class PipelineExecutor:
     """Runs this rank's actions for one step.
 
+    `schedule`: every pipeline rank's action list (`schedules.actions.build_schedule`); this rank
+    runs row `topology.pipeline_rank`, the batched exchanges are planned from all of them.
     `activation_shape`: the hidden-state tensor that crosses stages ([b, s, h], or [b, s/t, h]
     with sequence parallelism); `activation_dtype`: its dtype (the compute dtype).
     `loss_fn(loss) -> loss` converts a last-stage loss before scaling (fp32 in mixed precision).
     `grad_reducers[c]` (optional): a `GradientReducer` for chunk c, told to reduce during the
     last backward of that chunk in the step only. `p2p`: "tagged" or "batched" (module
-    docstring; None: `resolve_p2p_mode`). In batched mode with p > 1 the constructor is
-    collective over the pipeline group (it gathers every pipeline rank's action list).
+    docstring; None: `resolve_p2p_mode`).
     """
 
     def __init__(
         self,
         chunks: Sequence[PipelineChunk],
         topology: PipelineTopology,
-        actions: Sequence[Action],
+        schedule: Sequence[Sequence[Action]],
         num_micro_batches: int,
         activation_shape: tuple[int, ...],
         activation_dtype: torch.dtype = torch.float32,
@@ -237,7 +236,9 @@ class PipelineExecutor:
     ) -> None:
         self.chunks = list(chunks)
         self.topology = topology
-        self.actions = list(actions)
+        if len(schedule) != topology.num_stages:
+            raise ValueError(f"the schedule has {len(schedule)} rank lists for {topology.num_stages} pipeline stages")
+        self.actions = list(schedule[topology.pipeline_rank])
         self.num_micro_batches = num_micro_batches
         self.activation_shape = tuple(activation_shape)
         self.activation_dtype = activation_dtype
@@ -248,6 +249,9 @@ class PipelineExecutor:
         if self.device.type == "cuda":
             self.timeline.use_cuda(self.device)
         self._last_backward = {a.chunk: k for k, a in enumerate(self.actions) if a.kind == BACKWARD}
+        self._where = (topology.pipeline_rank, topology.num_stages, topology.num_global_stages)
+        self._receives = [receives(a, *self._where) for a in self.actions]  # per action: Message or None
+        self._produces = [produces(a, *self._where) for a in self.actions]
         self._check_actions()
         if topology.num_stages == 1 and len(self.chunks) > 1:
             raise ValueError("virtual stages need pipeline_parallel > 1 (one rank would send to itself)")
@@ -256,9 +260,8 @@ class PipelineExecutor:
         if topology.num_stages > 1:
             self.p2p_mode = resolve_p2p_mode(p2p, str(dist.get_backend(topology.group)))
             if self.p2p_mode == "batched":
-                pipeline_actions = self._gather_pipeline_actions()
-                programs = exchange_programs(pipeline_actions)
-                check_exchange_programs(pipeline_actions, programs)
+                programs = exchange_programs(schedule)
+                check_exchange_programs(schedule, programs)
                 self._program = programs[topology.pipeline_rank]
 
     def _check_actions(self) -> None:
@@ -270,61 +273,35 @@ class PipelineExecutor:
                              f"(F/B, chunk, micro-batch) exactly once for {len(self.chunks)} chunks and "
                              f"{self.num_micro_batches} micro-batches")
 
-    def _gather_pipeline_actions(self) -> list[list[Action]]:
-        """Every pipeline rank's action list, as the ranks will really run them (collective)."""
-        topology = self.topology
-        if topology.group is None and dist.get_world_size() != topology.num_stages:
-            raise ValueError("batched p2p needs the pipeline's process group: build the topology with "
-                             "PipelineTopology.from_context")
-        mine = (topology.pipeline_rank, [(a.kind, a.chunk, a.micro_batch) for a in self.actions])
-        gathered: list = [None] * topology.num_stages
-        dist.all_gather_object(gathered, mine, group=topology.group)
-        by_rank = dict(gathered)
-        if sorted(by_rank) != list(range(topology.num_stages)):
-            raise ValueError(f"pipeline ranks {sorted(by_rank)} gathered, expected 0..{topology.num_stages - 1}")
-        return [[Action(*fields) for fields in by_rank[rank]] for rank in range(topology.num_stages)]
-
     # -- communication helpers --
     def _tag(self, kind: str, stage: int, micro_batch: int) -> int:
         direction = 0 if kind == ACTIVATION else 1
         return 1 + (direction * self.topology.num_global_stages + stage) * self.num_micro_batches + micro_batch
 
-    def _needs_recv(self, action: Action) -> bool:
-        stage = self.topology.global_stage(action.chunk)
-        if action.kind == FORWARD:
-            return stage > 0
-        return stage < self.topology.num_global_stages - 1
-
-    def _input_key(self, action: Action) -> tuple[str, int, int]:
-        """(kind, consuming stage, micro-batch) of the message `action` receives (`p2p.Message.key`)."""
-        return (ACTIVATION if action.kind == FORWARD else GRADIENT, self.topology.global_stage(action.chunk),
-                action.micro_batch)
-
     def _empty_message(self) -> torch.Tensor:
         return torch.empty(self.activation_shape, dtype=self.activation_dtype, device=self.device)
 
-    def _post_recv(self, action: Action):
-        kind, stage, micro_batch = self._input_key(action)
-        peer = self.topology.rank_of_stage(stage - 1 if action.kind == FORWARD else stage + 1)
+    def _post_recv(self, message: Message):
         buffer = self._empty_message()
-        return dist.irecv(buffer, src=peer, tag=self._tag(kind, stage, micro_batch)), buffer
+        peer = self.topology.pipeline_global_ranks[message.sender]
+        return dist.irecv(buffer, src=peer, tag=self._tag(*message.key)), buffer
 
-    def _send(self, tensor: torch.Tensor, to_stage: int, kind: str, micro_batch: int, action: Action) -> None:
+    def _send(self, tensor: torch.Tensor, message: Message, action: Action) -> None:
         payload = tensor.detach().to(self.activation_dtype).contiguous()
         if self._program is not None:  # batched: goes out with this round's exchange
-            self._outbox[(kind, to_stage, micro_batch)] = payload
+            self._outbox[message.key] = payload
             return
         with self.timeline.span(SEND_KIND, action=action, stage=self.topology.global_stage(action.chunk)):
-            work = dist.isend(payload, dst=self.topology.rank_of_stage(to_stage),
-                              tag=self._tag(kind, to_stage, micro_batch))
-        self._pending_sends[(kind, to_stage, micro_batch)] = (work, payload)
+            work = dist.isend(payload, dst=self.topology.pipeline_global_ranks[message.receiver],
+                              tag=self._tag(*message.key))
+        self._pending_sends[message.key] = (work, payload)
 
-    def _finish_activation_send(self, stage: int, micro_batch: int) -> None:
-        """Tagged mode, at B(stage, micro-batch): the activation this stage sent for the micro-batch
-        has arrived (the received gradient was computed from it), so waiting for its send returns
-        at once and releases the payload now rather than at the end of the step (gloo reports a
-        send complete only through wait())."""
-        pending = self._pending_sends.pop((ACTIVATION, stage + 1, micro_batch), None)
+    def _finish_activation_send(self, action: Action) -> None:
+        """Tagged mode, at B(c, i): the activation F(c, i) sent has arrived (the received gradient
+        was computed from it), so waiting for its send returns at once and releases the payload now
+        rather than at the end of the step (gloo reports a send complete only through wait())."""
+        sent = produces(Action(FORWARD, action.chunk, action.micro_batch), *self._where)
+        pending = self._pending_sends.pop(sent.key, None)
         if pending is not None:
             pending[0].wait()
 
@@ -333,7 +310,7 @@ class PipelineExecutor:
         start = bisect.bisect_left(receiving, index)
         for k in receiving[start: start + 2]:
             if k not in posted:
-                posted[k] = self._post_recv(self.actions[k])
+                posted[k] = self._post_recv(self._receives[k])
         if index not in posted:
             return None
         work, buffer = posted.pop(index)
@@ -378,7 +355,7 @@ class PipelineExecutor:
         self._inputs: dict[tuple[int, int], torch.Tensor | None] = {}
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
         steps = self._program if self._program is not None else range(len(self.actions))
-        receiving = [k for k, a in enumerate(self.actions) if self._needs_recv(a)]
+        receiving = [k for k, message in enumerate(self._receives) if message is not None]
         posted: dict[int, tuple] = {}  # tagged: action index -> (work, buffer) of its posted receive
         loss_sum = None
         for step in steps:
@@ -387,7 +364,8 @@ class PipelineExecutor:
                 continue
             index, action = step, self.actions[step]
             if self._program is not None:  # batched: the input arrived in an earlier exchange
-                received = self._inbox.pop(self._input_key(action)) if self._needs_recv(action) else None
+                message = self._receives[index]
+                received = self._inbox.pop(message.key) if message is not None else None
             else:
                 received = self._tagged_receive(index, action, receiving, posted)
             if action.kind == FORWARD:
@@ -423,7 +401,7 @@ class PipelineExecutor:
         self._outputs[key] = output
         if chunk.is_last:
             return output.detach()
-        self._send(output, chunk.stage + 1, ACTIVATION, action.micro_batch, action)
+        self._send(output, self._produces[index], action)
         deallocate_output_data(output)
         return None
 
@@ -440,6 +418,6 @@ class PipelineExecutor:
             else:
                 torch.autograd.backward(output, grad_tensors=received.to(output.dtype))
         if not chunk.is_last and self._program is None:
-            self._finish_activation_send(chunk.stage, action.micro_batch)
+            self._finish_activation_send(action)
         if not chunk.is_first:
-            self._send(inputs.grad, chunk.stage - 1, GRADIENT, action.micro_batch, action)
+            self._send(inputs.grad, self._produces[index], action)

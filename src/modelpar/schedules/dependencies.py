@@ -8,12 +8,10 @@ of Huang et al. 2019, GPipe; Narayanan et al. 2021, Sec. 2.2):
 - B(g, i) needs F(g, i) on its own rank and the gradient of B(g + 1, i); the last stage's B
   needs only its own F (the loss is computed there).
 
-So activations flow from stage g to g + 1 and gradients from g to g - 1 (`_FLOW`), and an
-action crosses ranks exactly when the neighbouring stage lives on another rank (p > 1).
-`needs` lists what must have run first, `receives` / `produces` the messages that cross ranks;
-the simulator (`schedules.simulate`), the exchange plan (`schedules.p2p`), the shared-host
-simulation (`planner.shared_host`) and the executor (`runtime.pipeline`) all ask this module.
-Pure Python: no torch.
+So activations flow from stage g to g + 1 and gradients from g to g - 1 (`_FLOW`); a need
+crosses ranks when the neighbouring stage lives on another rank (p > 1). `needs` lists what must
+have run first, `receives` / `produces` the messages that cross ranks: the simulators, the
+exchange plan and the executor all ask this module. Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -95,8 +93,17 @@ def needs(action: Action, rank: int, num_stages: int, num_global_stages: int) ->
     """The actions that must have run before `action` on pipeline rank `rank` (`stage_needs`), each
     with whether it runs on another rank."""
     i = action.micro_batch
-    return tuple(Need((kind, stage, i), stage % num_stages != rank) for kind, stage in
-                 stage_needs(action.kind, global_stage(rank, action.chunk, num_stages), num_global_stages))
+    return tuple([Need((kind, stage, i), stage % num_stages != rank) for kind, stage in
+                  stage_needs(action.kind, global_stage(rank, action.chunk, num_stages), num_global_stages)])
+
+
+def chunk_needs(num_stages: int, num_chunks: int) -> dict[tuple[int, str, int], tuple[tuple[str, int, bool], ...]]:
+    """`needs` of every (rank, kind, chunk) as (kind, global stage, remote), each on the action's
+    own micro-batch (the rule never crosses micro-batches): a table for loops that ask per action."""
+    num_global = num_stages * num_chunks
+    return {(rank, kind, chunk): tuple((needed_kind, stage, remote) for (needed_kind, stage, _), remote in
+                                       needs(Action(kind, chunk, 0), rank, num_stages, num_global))
+            for rank in range(num_stages) for kind in (FORWARD, BACKWARD) for chunk in range(num_chunks)}
 
 
 def receives(action: Action, rank: int, num_stages: int, num_global_stages: int) -> Message | None:
@@ -104,7 +111,8 @@ def receives(action: Action, rank: int, num_stages: int, num_global_stages: int)
     first-stage F, last-stage B, or a producer on the same rank)."""
     for (kind, stage, i), remote in needs(action, rank, num_stages, num_global_stages):
         if remote:
-            return Message(_MESSAGE_KIND[kind], stage + _FLOW[kind], i, stage % num_stages, rank)
+            return Message(_MESSAGE_KIND[kind], global_stage(rank, action.chunk, num_stages), i, stage % num_stages,
+                           rank)
     return None
 
 
@@ -117,5 +125,5 @@ def produces(action: Action, rank: int, num_stages: int, num_global_stages: int)
     return Message(_MESSAGE_KIND[action.kind], target, action.micro_batch, rank, target % num_stages)
 
 
-__all__ = ["ACTIVATION", "GRADIENT", "Key", "Message", "Need", "PipelineDeadlock", "key_of", "needs", "produces",
-           "receives", "stage_needs"]
+__all__ = ["ACTIVATION", "GRADIENT", "Key", "Message", "Need", "PipelineDeadlock", "chunk_needs", "key_of", "needs",
+           "produces", "receives", "stage_needs"]

@@ -1,23 +1,20 @@
-"""The one record of a timed interval on a rank, from the runtime's spans to the reports.
+"""The one record of a timed interval on a rank (`TimelineEvent`): what the runtime's `Timeline`
+records, what the planner's predicted step is made of (`planner.schedule_prediction`), what a
+`modelpar train` summary stores (`to_dict`) and what the comparison (`report.comparison`) and the
+drawings (`report.timeline`) read; with its kinds. Pure Python, like the rest of `schedules`.
 
-`TimelineEvent` is what the runtime's `Timeline` records (`runtime.timeline`), what the
-planner's simulated step is made of (`planner.schedule_prediction`), what a `modelpar train`
-summary stores (`to_dict`, per rank) and what the comparison (`report.comparison`) and the
-drawings (`report.timeline`) read. Pure Python, like the rest of `schedules`.
-
-Kinds: FORWARD_KIND / BACKWARD_KIND (the compute of a schedule action), RECV_KIND (waiting for an
-action's input), SEND_KIND (launching an action's output), SEND_WAIT_KIND (end of step: waiting
-for the sends), GRAD_SYNC_KIND (the gradient synchronisation after the schedule; drawn and
-predicted as ALLREDUCE_KIND), OPTIMIZER_KIND, COLLECTIVE_KIND (a torch.distributed collective,
-blocking or the wait of an asynchronous one) and LAUNCH_KIND (a zero-length event where an
-asynchronous collective is launched).
+Kinds: forward / backward (a schedule action's compute), recv (waiting for an action's input),
+send (launching its output), send_wait (end of step, waiting for the sends), grad_sync (the
+gradient synchronisation after the schedule; drawn and predicted as allreduce), optimizer,
+collective (a torch.distributed collective, or the wait of an asynchronous one) and
+collective_launch (zero-length: an asynchronous collective is launched).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from modelpar.schedules.actions import FORWARD, Action, global_stage
+from modelpar.schedules.actions import FORWARD, global_stage
 
 FORWARD_KIND = "forward"
 BACKWARD_KIND = "backward"
@@ -30,8 +27,6 @@ OPTIMIZER_KIND = "optimizer"
 COLLECTIVE_KIND = "collective"
 LAUNCH_KIND = "collective_launch"
 COMPUTE_KINDS = (FORWARD_KIND, BACKWARD_KIND)
-SYNC_KINDS = (GRAD_SYNC_KIND,)
-SEND_KINDS = (SEND_KIND,)
 
 
 @dataclass(frozen=True)
@@ -65,10 +60,6 @@ class TimelineEvent:
         return asdict(self)
 
 
-def compute_kind(action: Action) -> str:
-    return FORWARD_KIND if action.kind == FORWARD else BACKWARD_KIND
-
-
 def action_label(kind: str, micro_batch: int, chunk: int, several_chunks: bool) -> str:
     """'F3' / 'B3' for micro-batch 3 ('F' or 'B' `kind`, or the event kinds), with a chunk letter
     when ranks hold several ('F3a', 'F3b'), as in `schedules.simulate.render_timeline`."""
@@ -80,13 +71,18 @@ def events_from_simulation(simulation) -> list[TimelineEvent]:
     """The forward/backward events of a `schedules.simulate.PipelineSimulation`, 2 m v per rank."""
     timeline = simulation.timeline
     several_chunks = any(timed.action.chunk > 0 for row in timeline for timed in row)
-    return [TimelineEvent(timed.rank, action_label(timed.action.kind, timed.action.micro_batch, timed.action.chunk,
-                                                   several_chunks),
-                          compute_kind(timed.action), timed.start, timed.end, timed.action.micro_batch,
-                          timed.action.chunk, global_stage(timed.rank, timed.action.chunk, len(timeline)))
-            for row in timeline for timed in row]
+    events = []
+    for row in timeline:
+        for timed in row:
+            action = timed.action
+            events.append(TimelineEvent(timed.rank, action_label(action.kind, action.micro_batch, action.chunk,
+                                                                 several_chunks),
+                                        FORWARD_KIND if action.kind == FORWARD else BACKWARD_KIND, timed.start,
+                                        timed.end, action.micro_batch, action.chunk,
+                                        global_stage(timed.rank, action.chunk, len(timeline))))
+    return events
 
 
-__all__ = ["TimelineEvent", "compute_kind", "action_label", "events_from_simulation", "FORWARD_KIND", "BACKWARD_KIND",
+__all__ = ["TimelineEvent", "action_label", "events_from_simulation", "FORWARD_KIND", "BACKWARD_KIND",
            "RECV_KIND", "SEND_KIND", "SEND_WAIT_KIND", "GRAD_SYNC_KIND", "ALLREDUCE_KIND", "OPTIMIZER_KIND",
-           "COLLECTIVE_KIND", "LAUNCH_KIND", "COMPUTE_KINDS", "SYNC_KINDS", "SEND_KINDS"]
+           "COLLECTIVE_KIND", "LAUNCH_KIND", "COMPUTE_KINDS"]

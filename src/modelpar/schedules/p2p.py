@@ -42,7 +42,7 @@ from typing import Union
 
 from modelpar.schedules.actions import Action
 from modelpar.schedules.dependencies import (  # ACTIVATION, GRADIENT, Message, PipelineDeadlock: also for p2p's users
-    ACTIVATION, GRADIENT, Message, PipelineDeadlock, key_of, needs, produces, receives)
+    ACTIVATION, GRADIENT, Message, PipelineDeadlock, chunk_needs, key_of, produces, receives)
 
 P2P_MODES = ("tagged", "batched")
 """How the executor moves pipeline messages: gloo's tag matching, or this module's batched exchanges."""
@@ -69,7 +69,7 @@ def lockstep_rounds(actions: Sequence[Sequence[Action]]) -> list[list[int]]:
 
     Raises PipelineDeadlock naming each stuck rank and the action it waits at."""
     num_stages = len(actions)
-    num_global = num_stages * _num_chunks(actions)
+    table = chunk_needs(num_stages, _num_chunks(actions))
     rounds: list[list[int]] = [[-1] * len(row) for row in actions]
     position, previous_round = [0] * num_stages, [-1] * num_stages
     done: dict[tuple[str, int, int], int] = {}  # (kind, global stage, micro-batch) -> round
@@ -80,7 +80,7 @@ def lockstep_rounds(actions: Sequence[Sequence[Action]]) -> list[list[int]]:
         row = actions[rank]
         while position[rank] < len(row):
             action = row[position[rank]]
-            needed = [key for key, _ in needs(action, rank, num_stages, num_global)]
+            needed = [(kind, stage, action.micro_batch) for kind, stage, _ in table[rank, action.kind, action.chunk]]
             missing = next((key for key in needed if key not in done), None)
             if missing is not None:
                 waiters.setdefault(missing, []).append(rank)

@@ -242,11 +242,8 @@ def render_timeline(simulation: PipelineSimulation, slot: float | None = None) -
 
 @dataclass(frozen=True)
 class _Layout:
-    """Dense numbering of a rank's actions: code = chunk * 2m + 2 * micro_batch + (1 for backward).
-
-    The same code on rank r - 1 is the previous global stage of the same chunk; on rank 0 the
-    previous stage is chunk - 1 on rank p - 1 (code - 2m). Symmetrically for the next stage.
-    """
+    """Dense numbering of a rank's actions: code = chunk * 2m + 2 * micro_batch + (1 for backward)
+    (`_code_rule` turns the dependencies into code shifts)."""
 
     num_ranks: int
     num_chunks: int
@@ -338,32 +335,29 @@ def _rank_program(rank, codes, duration, layout, ended, began, waiter, ready, la
 @functools.lru_cache(maxsize=4096)
 def _code_rule(rank: int, num_ranks: int, num_chunks: int) -> tuple:
     """`dependencies.stage_needs` of `rank`'s actions in the shape `_rank_program` runs, in chunks:
-    the forward of chunk c >= forward_from needs the forward of chunk c - forward_shift on
-    forward_rank; a backward needs its own forward and, for c < backward_to, the backward of chunk
-    c - backward_shift on backward_rank; `remote`: those ranks are other ranks. Read off the rule,
-    then checked against it on every chunk (NotImplementedError for a rule of another shape)."""
+    per kind, (rank, shift, bound): the forward of chunk c >= bound needs the forward of chunk
+    c - shift on that rank; a backward needs its own forward and, for c < bound, the backward of
+    chunk c - shift there; then whether those ranks are other ranks. Read off the rule, then
+    checked against it on every chunk (NotImplementedError for a rule of another shape)."""
     p, num_global = num_ranks, num_ranks * num_chunks
     stages = range(rank, num_global, p)  # chunk c holds global stage c * p + rank
-    forward = [stage_needs(FORWARD, stage, num_global) for stage in stages]
-    backward = [stage_needs(BACKWARD, stage, num_global) for stage in stages]
-    forward_from = next((chunk for chunk, needed in enumerate(forward) if needed), num_chunks)
-    backward_to = next((chunk for chunk, needed in enumerate(backward) if len(needed) < 2), num_chunks)
-    # the stage the first chunk with a neighbour need needs (the own stage if none: never used)
-    forward_stage = forward[forward_from][-1][1] if forward_from < num_chunks else rank + forward_from * p
-    backward_stage = backward[0][-1][1] if backward_to else rank
-    forward_rank, forward_shift = forward_stage % p, forward_from - forward_stage // p
-    backward_rank, backward_shift = backward_stage % p, -(backward_stage // p)
-    remote = {other != rank for other, used in ((forward_rank, forward_from < num_chunks), (backward_rank, backward_to))
-              if used}
-    if len(remote) > 1 or forward != [
-        ((FORWARD, (chunk - forward_shift) * p + forward_rank),) if chunk >= forward_from else ()
-        for chunk in range(num_chunks)
-    ] or backward != [
-        ((FORWARD, stage),) + (((BACKWARD, (chunk - backward_shift) * p + backward_rank),) if chunk < backward_to else ())
-        for chunk, stage in enumerate(stages)
-    ]:
-        raise NotImplementedError(f"simulate: the needs of rank {rank} are not of a shape it runs")
-    return (forward_rank, forward_shift, forward_from), (backward_rank, backward_shift, backward_to), remote == {True}
+    rule, remote = [], set()
+    for kind in (FORWARD, BACKWARD):
+        needed = [stage_needs(kind, stage, num_global) for stage in stages]
+        own = kind == BACKWARD  # a backward's first need is its own forward
+        having = [chunk for chunk, needs in enumerate(needed) if len(needs) > own]  # a neighbour stage too
+        neighbour = needed[having[0]][-1][1] if having else rank  # the stage the first of them needs
+        other, shift = neighbour % p, (having[0] if having else 0) - neighbour // p
+        bound = len(having) if own else (having[0] if having else num_chunks)
+        run = range(bound) if own else range(bound, num_chunks)
+        remote |= {other != rank} if having else set()
+        if needed != [((FORWARD, stage),) * own + ((kind, (chunk - shift) * p + other),) * (chunk in run)
+                      for chunk, stage in enumerate(stages)]:
+            raise NotImplementedError(f"simulate: the {kind} needs on rank {rank} are not of a shape it runs")
+        rule.append((other, shift, bound))
+    if len(remote) > 1:
+        raise NotImplementedError(f"simulate: rank {rank} needs actions both on itself and on other ranks")
+    return rule[0], rule[1], remote == {True}
 
 
 def _durations(rank_actions, rank_codes, num_codes: int, forward_time: Duration, backward_time: Duration):

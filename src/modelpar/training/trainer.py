@@ -29,9 +29,10 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from modelpar.planner.prediction import try_predict
+from modelpar.planner.prediction import COMPARED_KEYS, try_predict
+from modelpar.schedules.events import COLLECTIVE_KIND, GRAD_SYNC_KIND, LAUNCH_KIND, OPTIMIZER_KIND
 from modelpar.specs import ModelSpec, ParallelPlan, SpecError
 from modelpar.specs.plan import complete_plan
 
@@ -196,12 +197,13 @@ class RankTrainer:
         self._init_grad_norm()
 
         local_seq = spec.seq_length // t if (plan.sequence_parallel and t > 1) else spec.seq_length
-        self.timeline = Timeline()
+        self.timeline = Timeline(ctx.rank)
         self.executor = PipelineExecutor(
             self.chunks, PipelineTopology.from_context(ctx, v),
-            build_schedule(plan.schedule, p, m, v)[ctx.pipeline_rank], m,
+            build_schedule(plan.schedule, p, m, v), m,
             (plan.micro_batch_size, local_seq, spec.hidden_size), self.policy.compute_dtype, ctx.device,
             grad_reducers=self.reducers, loss_fn=self.policy.loss_for_backward, timeline=self.timeline,
+            p2p=config.p2p,
         )
 
     def _load_optimizer_state(self, checkpoint) -> None:
@@ -264,7 +266,7 @@ class RankTrainer:
         keys = [DropoutKey(self.config.seed, step, (ctx.data_rank * self.num_micro_batches + i) * b)
                 for i in range(self.num_micro_batches)]
         loss_sum = self.executor.run(batches, keys)
-        with self.timeline.span(f"step {step}", "grad_sync"):
+        with self.timeline.span(GRAD_SYNC_KIND, f"step {step}"):
             for reducer in self.reducers or ():
                 reducer.finish()
             if self.embedding_group is not None:
@@ -281,7 +283,7 @@ class RankTrainer:
         step and clear the gradients. Returns the norm before clipping (also in `grad_norms`)."""
         from modelpar.runtime.grad_norm import clip_factor, global_grad_norm
 
-        with self.timeline.span("optimizer", "optimizer"):
+        with self.timeline.span(OPTIMIZER_KIND, "optimizer"):
             self.optimizer.reduce_gradients()
             norm = global_grad_norm(self.optimizer.gradient_pieces(), self.norm_ranges, self.norm_group,
                                     self.ctx.device)
@@ -385,7 +387,7 @@ def measure_matmul_tflops(dtype: str = "fp32", device: str = "cpu", trials: int 
 
 
 def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
-    """Spawned (or torchrun) entry: train and return this rank's measurements (`runtime.prediction`
+    """Spawned (or torchrun) entry: train and return this rank's measurements (`report.comparison`
     defines them: per-step compute / communication / bubble from the timeline, with collectives
     timed inside the compute spans; peak memory; saved activations)."""
     import torch
@@ -393,8 +395,7 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
 
     from modelpar.runtime.checkpoint import read_checkpoint
     from modelpar.models.memory_probe import layer_activation_bytes
-    from modelpar.runtime.instrument import (COLLECTIVE_KIND, LAUNCH_KIND, ActivationTracker, model_state_bytes,
-                                             timed_collectives)
+    from modelpar.runtime.instrument import ActivationTracker, model_state_bytes, timed_collectives
     from modelpar.runtime.mesh import ParallelContext, ParallelDims
 
     ctx = ParallelContext(ParallelDims.from_plan(config.plan))
@@ -430,13 +431,13 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
             losses.append(loss)
             step_times.append(time.perf_counter() - start)
             events = trainer.timeline.events
-            step_events.append((step_times[-1], [(e.start, e.end, e.kind, e.action) for e in events]))
+            step_events.append(list(events))
             if tracker is not None:
                 activation_peaks.append(tracker.peak_bytes(trainer.executor.actions))
-            last_step_events = [(e.action, e.start - start, e.end - start, e.kind) for e in events
+            last_step_events = [replace(e, start_s=e.start_s - start, end_s=e.end_s - start) for e in events
                                 if e.kind not in (COLLECTIVE_KIND, LAUNCH_KIND)]
             for event in events:
-                totals[event.kind] = totals.get(event.kind, 0.0) + event.end - event.start
+                totals[event.kind] = totals.get(event.kind, 0.0) + event.duration_s
             events.clear()
             if bar is not None:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", grad_norm=f"{trainer.grad_norms[-1]:.3g}",
@@ -457,7 +458,7 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
         peak = sum(states.values()) + max(activation_peaks)
     mine = {"rank": rank, "start_step": trainer.start_step, "losses": losses, "grad_norms": trainer.grad_norms,
             "learning_rates": trainer.learning_rates, "step_times_s": step_times,
-            "step_events": step_events[warm],
+            "step_events": step_events[warm], "warm_step_times_s": step_times[warm],
             "peak_memory_bytes": peak, "peak_rss_bytes": peak_memory_bytes("cpu"),
             "model_state_bytes": states, "peak_activation_bytes": max(activation_peaks) if activation_peaks else None,
             "activation_bytes_per_layer": layer_activation_bytes(config.model, config.plan, config.dtype, ctx),
@@ -516,26 +517,27 @@ def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT
         return None
     summary = summarise(config, rank_results, peak, peak_source, predicted)
     summary["prediction"] = {"cluster": cluster.name if cluster is not None else None, "error": prediction_error,
-                             **({key: predicted[key] for key in ("breakdown", "memory")} if predicted else {})}
+                             **({"breakdown": predicted["breakdown"], "memory": predicted["memory"],
+                                 "timeline": [e.to_dict() for e in predicted["events"]]} if predicted else {})}
     return summary
 
 
 def summarise(config: TrainConfig, rank_results: list[dict], peak_tflops: float, peak_source: str,
               predicted: dict | None = None) -> dict:
     """The JSON summary of a run from the ranks' measurements: rank 0's losses; `measured` and
-    `predicted` with the same keys (`runtime.prediction.COMPARED_KEYS`, tokens/s, MFU) and
+    `predicted` with the same keys (`planner.prediction.COMPARED_KEYS`, tokens/s, MFU) and
     `relative_error`. Step time: the slowest rank's median over the steps after the first
     (which includes warm-up)."""
     from modelpar.training.data import make_token_source
     from modelpar.planner.flops import hfu, mfu
-    from modelpar.planner.prediction import (COMPARED_KEYS, measured_times, rank_step_breakdowns, rank_summary,
-                                             relative_errors)
+    from modelpar.report.comparison import measured_times, rank_step_breakdowns, rank_summary, relative_errors
 
     plan, model = config.plan, config.model
     first = rank_results[0]
-    breakdowns = rank_step_breakdowns([result["step_events"] for result in rank_results])
+    breakdowns = rank_step_breakdowns([result["warm_step_times_s"] for result in rank_results],
+                                      [result["step_events"] for result in rank_results])
     for result, steps in zip(rank_results, breakdowns):
-        result["breakdown"] = rank_summary(steps, [step_time for step_time, _ in result["step_events"]])
+        result["breakdown"] = rank_summary(steps, result["warm_step_times_s"])
     times = measured_times([result["breakdown"] for result in rank_results])
     step_time = times["step_time_s"]
     world = plan.world_size
@@ -569,7 +571,7 @@ def summarise(config: TrainConfig, rank_results: list[dict], peak_tflops: float,
         "peak_memory_bytes": measured["peak_memory_bytes"],
         "measured": measured, "predicted": predicted, "relative_error": relative_errors(predicted, measured),
         "compared_keys": list(COMPARED_KEYS), "measurement": details,
-        "timeline": {str(r["rank"]): r["last_step_timeline"] for r in rank_results},
+        "timeline": {str(r["rank"]): [e.to_dict() for e in r["last_step_timeline"]] for r in rank_results},
     }
 
 
