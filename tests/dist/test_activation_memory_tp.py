@@ -1,7 +1,7 @@
 """Exact memory model under tensor (and sequence) parallelism: measured == planner, per rank.
 
 One spawn of 4 gloo ranks measures, on every rank, the bytes one layer saves for backward
-(`runtime.memory_probe`) for t = 2 (two tensor groups, data = 2) and t = 4, with and without
+(`models.memory_probe`) for t = 2 (two tensor groups, data = 2) and t = 4, with and without
 sequence parallelism, every recompute mode, bf16 and fp32, for gpt-tiny (dropout 0.1), llama-tiny
 (SwiGLU, GQA, RMSNorm, RoPE) and a 2-KV-head Llama (K/V heads replicated at t = 4), and checks
 them against the planner's `activation_bytes_per_layer`: within 2%, the difference being only the

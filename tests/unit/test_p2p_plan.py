@@ -11,7 +11,7 @@ from modelpar.schedules.simulate import PipelineDeadlock, check_runtime_order, s
 from modelpar.runtime import launch
 from modelpar.schedules.p2p import (ACTIVATION, GRADIENT, Exchange, Message, check_exchange_programs,
                                   exchange_programs, lockstep_rounds)
-from modelpar.runtime.pipeline import P2P_ENV, resolve_p2p_mode
+from modelpar.runtime.pipeline import resolve_p2p_mode
 from modelpar.runtime.timeline import Timeline, _CudaClock
 from modelpar.schedules.actions import Action, build_schedule, interleaved_one_f_one_b
 from modelpar.specs.errors import SpecError
@@ -122,13 +122,10 @@ def test_the_replay_catches_mismatched_and_premature_messages():
     assert other.consumer(1) == Action("F", 1, 1) and ACT.producer(1) == Action("F", 0, 0)
 
 
-def test_p2p_mode_choice(monkeypatch):
-    monkeypatch.delenv(P2P_ENV, raising=False)
+def test_p2p_mode_choice():
     assert resolve_p2p_mode(None, "gloo") == "tagged"
     assert resolve_p2p_mode(None, "nccl") == "batched"
     assert resolve_p2p_mode("batched", "gloo") == "batched"
-    monkeypatch.setenv(P2P_ENV, "batched")
-    assert resolve_p2p_mode(None, "gloo") == "batched"
     with pytest.raises(SpecError, match="'tagged' needs gloo's tag matching but the backend is nccl"):
         resolve_p2p_mode("tagged", "nccl")
     with pytest.raises(SpecError, match="mode 'fast' .* use one of tagged, batched"):

@@ -1,30 +1,6 @@
-"""`modelpar simulate`: the predicted timeline of one plan's pipeline step, drawn without running it.
-
-The schedule's real action lists (`runtime.schedules.build_schedule`) are placed in time by
-`planner.pipeline.simulate` with per-action durations from the cost model's own pieces, so the
-picture is the step that `planner.cost.estimate` prices:
-
-- forward of chunk c on pipeline rank r (global stage g = c p + r, L / (p v) layers; the
-  durations are `cost.stage_times`), per micro-batch: layers x (layer forward compute + tensor-parallel forward collectives)
-  (`compute.layer_compute`, `cost.tensor_comm_per_layer`), + the embedding forward on stage 0
-  and the head (final norm, logits, loss) forward on the last stage (`compute.embedding_compute`,
-  `compute.head_compute`), with their vocabulary-parallel collectives (`cost.tensor_comm_edges`);
-- backward: layers x (recomputed forward + backward compute + their tensor-parallel collectives),
-  + the embedding/head backward on the first/last stage;
-- each activation or gradient crossing ranks: `cost.p2p_per_transfer`;
-- after its last backward each rank spends the cost model's exposed data-parallel time
-  (`breakdown["data_parallel_comm_s"]`: what the bucketed gradient reduction, ZeRO's weight
-  gathers, or ZeRO-3's per-micro-batch traffic leave uncovered, see `cost.data_parallel_exposure`)
-  in an "allreduce" event, and all ranks step the optimizer (`breakdown["optimizer_s"]`) once the
-  last of them is done (the global gradient norm synchronises them). Lumping ZeRO-3's exposed
-  per-micro-batch traffic at the end keeps the step time, not its place in the pipeline.
-
-The sum of a rank's forward and backward times is the cost model's compute + tensor-parallel
-time of that rank (tests/unit/test_timeline.py checks it). Its bubble comes from the simulation
-with these unequal durations (first and last stages carry the embedding and the head), not from
-the unit-time simulation the estimate uses, so the two step times differ slightly.
-
-This module imports neither torch nor matplotlib at import time.
+"""`modelpar simulate`: the predicted timeline of one plan's pipeline step, drawn without running
+it: the planner's `schedule_prediction.predict_schedule` (its docstring says how the timeline
+shows the estimate's numbers), as a Gantt chart, a Chrome trace and a memory picture.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ chunks per pipeline rank) is modelled as
   input-gradient all-reduce and the vocabulary-parallel cross-entropy's three small all-reduces
   (`tensor_comm_edges`).
 - bubble: the schedule's idle share f from the simulation of its real action lists
-  (`planner.pipeline`; the equal closed form for long schedules and inside the search):
+  (`schedules.simulate`; the equal closed form for long schedules and inside the search):
   bubble = f / (1 - f) x m x (mean rank time per micro-batch), e.g. f = (p - 1)/(m + p - 1) for
   1F1B, (p - 1)/(v m + p - 1) interleaved. Memory uses the schedule's peak in-flight
   (chunk, micro-batch) pairs per rank.
@@ -143,7 +143,7 @@ def usable_memory_bytes(cluster: ClusterSpec) -> float:
 def pipeline_profile(schedule: str, p: int, m: int, v: int, simulate: bool = True) -> tuple[float, tuple[int, ...]]:
     """(bubble fraction, peak in-flight (chunk, micro-batch) pairs per rank) of a schedule.
 
-    The bubble comes from simulating the schedule's action lists (`planner.pipeline`, cached)
+    The bubble comes from simulating the schedule's action lists (`schedules.simulate`, cached)
     when `simulate` and the schedule has at most SIMULATION_ACTION_LIMIT forward steps, else from
     the closed form that the simulation matches. In-flight counts follow the schedules' warm-up
     lengths (GPipe m; 1F1B min(p - r, m); interleaved min(2 (p - r - 1) + (v - 1) p + 1, v m)),

@@ -399,7 +399,7 @@ def _time_collective(fn, repeats: int, bench: _Bench) -> float:
     """Median seconds of `fn` on this rank. The last rank arrives LATE_ARRIVAL_S after the others
     (it multiplies matrices first), as a rank finishing its GEMMs does in training: the others
     are already waiting, asleep, and its time is the exposed part of the collective, waking them
-    included (`runtime.prediction` measures the same part: a span less its wait for the last)."""
+    included (`report.comparison` measures the same part: a span less its wait for the last)."""
     import torch.distributed as dist
 
     late = dist.get_rank() == dist.get_world_size() - 1

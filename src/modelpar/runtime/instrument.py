@@ -8,7 +8,7 @@
 - Saved activations (`ActivationTracker`): during each pipeline chunk's forward, a
   `saved_tensors_hooks` pack hook keeps a weak reference to every tensor autograd saves; when the
   forward returns, the distinct storages still alive (parameters excluded) are what that
-  (chunk, micro-batch) holds until its backward (the definition of `runtime.memory_probe`). The
+  (chunk, micro-batch) holds until its backward (the definition of `models.memory_probe`). The
   schedule's order of forwards and backwards gives the peak of their sum over the step.
 - Model-state bytes (`model_state_bytes`): parameters, gradients (and data-parallel bucket
   buffers) and optimizer states, counted exactly from the tensors that hold them.

@@ -15,7 +15,7 @@ dependencies of `schedules.dependencies` (what it receives, what it sends):
 - B(c, i): the output gradient is received from the rank holding g + 1 (or is d(loss)/d(loss)
   on the last stage); backward through the chunk; the input gradient is sent to g - 1.
 
-Point-to-point, two modes (`p2p`, or the environment variable MODELPAR_P2P):
+Point-to-point, two modes (`p2p`; `modelpar train --p2p`):
 
 - "tagged" (gloo's default): sends are non-blocking (`isend`; an activation's send is waited for
   at that micro-batch's backward, when it has surely arrived, the others at the end of the step)
@@ -45,7 +45,6 @@ for the predicted-vs-measured timeline. On CUDA the spans are CUDA events on the
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -55,7 +54,7 @@ import torch.distributed as dist
 from torch import nn
 
 from modelpar.schedules.dependencies import ACTIVATION, Message, produces, receives
-from modelpar.schedules.p2p import Exchange, check_exchange_programs, exchange_programs
+from modelpar.schedules.p2p import P2P_MODES, Exchange, check_exchange_programs, exchange_programs
 from modelpar.schedules.actions import BACKWARD, FORWARD, Action, global_stage
 from modelpar.runtime.timeline import Timeline
 from modelpar.schedules.events import BACKWARD_KIND, FORWARD_KIND, RECV_KIND, SEND_KIND, SEND_WAIT_KIND
@@ -63,8 +62,6 @@ from modelpar.specs import plan as rules
 from modelpar.specs.errors import SpecError
 from modelpar.specs.plan import ParallelPlan
 
-P2P_ENV = "MODELPAR_P2P"
-P2P_MODES = ("tagged", "batched")
 
 
 # --- layout -------------------------------------------------------------------------------------
@@ -195,15 +192,14 @@ def deallocate_output_data(output: torch.Tensor) -> None:
 
 
 def resolve_p2p_mode(requested: str | None, backend: str) -> str:
-    """The point-to-point mode: `requested`, else $MODELPAR_P2P, else "batched" on NCCL and
-    "tagged" otherwise. "tagged" on NCCL is refused: NCCL ignores tags (module docstring)."""
-    mode = requested or os.environ.get(P2P_ENV) or ("batched" if "nccl" in backend else "tagged")
+    """The point-to-point mode: `requested`, else "batched" on NCCL and "tagged" otherwise.
+    "tagged" on NCCL is refused: NCCL ignores tags (module docstring)."""
+    mode = requested or ("batched" if "nccl" in backend else "tagged")
     if mode not in P2P_MODES:
-        raise SpecError(f"pipeline p2p mode {mode!r} (argument p2p or ${P2P_ENV}) is unknown; "
-                        f"use one of {', '.join(P2P_MODES)}")
+        raise SpecError(f"pipeline p2p mode {mode!r} (--p2p) is unknown; use one of {', '.join(P2P_MODES)}")
     if mode == "tagged" and "nccl" in backend:
         raise SpecError(f"pipeline p2p mode 'tagged' needs gloo's tag matching but the backend is {backend}; "
-                        f"use 'batched' (unset ${P2P_ENV})")
+                        "use 'batched' (--p2p batched, the NCCL default)")
     return mode
 
 

@@ -8,9 +8,9 @@ and to prove that the order cannot deadlock. Nothing here imports torch.
 Layout of the model: there are p * v global stages; rank r holds the chunks c = 0..v-1 whose
 global stage is ``c * p + r`` (Megatron-LM's interleaved layout; with v = 1 stage == rank).
 
-Dependencies (what the runtime receives): F(g, i) needs the activation of F(g - 1, i);
-B(g, i) needs F(g, i) on its own rank and the gradient of B(g + 1, i); the last stage's B
-needs only its own F (the loss is computed there).
+What each action needs before it runs is `modelpar.schedules.dependencies` (the one rule the
+simulator, the p2p plan and the runtime use); which combinations are legal is `specs.plan`'s
+`schedule_rule`.
 
 Each schedule's docstring draws a small case as `modelpar.schedules.simulate.render_timeline`
 simulates it (forward = backward = one time slot, no p2p time; a test keeps them in sync):
@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from modelpar.specs.errors import SpecError
-
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved")
+from modelpar.specs.plan import SCHEDULES as SCHEDULE_NAMES
+from modelpar.specs.plan import VIRTUAL_SCHEDULE, full_micro_batch_groups, schedule_rule
 
 FORWARD = "F"
 BACKWARD = "B"
@@ -61,7 +61,7 @@ def build_schedule(
     _check_counts(num_stages, num_micro_batches, virtual_stages)
     if schedule == "interleaved":
         return interleaved_one_f_one_b(num_stages, num_micro_batches, virtual_stages)
-    if virtual_stages != 1:
+    if schedule_rule(schedule, num_stages, virtual_stages) == VIRTUAL_SCHEDULE:
         raise SpecError(
             f"virtual_stages={virtual_stages} needs schedule 'interleaved', got {schedule!r}; "
             "use schedule 'interleaved' or virtual_stages 1"
@@ -128,7 +128,7 @@ def interleaved_one_f_one_b(num_stages: int, num_micro_batches: int, virtual_sta
         rank 1 | .   F0a F1a F0b B0b F1b B1b F2a B0a F3a B1a F2b B2b F3b B3b B2a B3a .
     """
     _check_counts(num_stages, num_micro_batches, virtual_stages)
-    if num_micro_batches % num_stages:
+    if not full_micro_batch_groups(num_micro_batches, num_stages):
         lower = num_micro_batches - num_micro_batches % num_stages
         upper = lower + num_stages
         hint = f"{lower} or {upper}" if lower else f"{upper}"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate, chain
 from typing import Callable, Sequence, Union
 
+from modelpar.caching import memo
 from modelpar.schedules.actions import BACKWARD, FORWARD, Action, build_schedule, global_stage
 from modelpar.schedules.dependencies import Message, PipelineDeadlock, produces, receives, stage_needs
 from modelpar.specs.errors import SpecError
@@ -166,7 +167,7 @@ def check_runtime_order(actions: Sequence[Sequence[Action]]) -> None:
             )
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096)
 def bubble_fraction(
     schedule: str,
     num_stages: int,
@@ -180,7 +181,7 @@ def bubble_fraction(
     return simulate(actions, 1.0, float(backward_to_forward)).bubble_fraction
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096)
 def peak_in_flight_chunks(schedule: str, num_stages: int, num_micro_batches: int, virtual_stages: int = 1) -> int:
     """Most (chunk, micro-batch) activations any rank holds at once (cached). Each holds the
     activations of one chunk, i.e. num_layers / (p * v) layers.
@@ -332,7 +333,7 @@ def _rank_program(rank, codes, duration, layout, ended, began, waiter, ready, la
     free_at[rank] = t
 
 
-@functools.lru_cache(maxsize=4096)
+@memo(4096)
 def _code_rule(rank: int, num_ranks: int, num_chunks: int) -> tuple:
     """`dependencies.stage_needs` of `rank`'s actions in the shape `_rank_program` runs, in chunks:
     per kind, (rank, shift, bound): the forward of chunk c >= bound needs the forward of chunk

@@ -113,9 +113,14 @@ def schedule_rule(schedule: str, p: int, v: int, m: int | None = None) -> str | 
         return INTERLEAVED_P
     if v < 2:
         return INTERLEAVED_V
-    if m is not None and m % p:
+    if m is not None and not full_micro_batch_groups(m, p):
         return INTERLEAVED_M
     return None
+
+
+def full_micro_batch_groups(m: int, p: int) -> bool:
+    """The interleaved schedule runs micro-batches in groups of p (Megatron-LM's rule: m % p == 0)."""
+    return m % p == 0
 
 
 def sequence_rule(model, t: int, sequence_parallel: bool) -> str | None:
