@@ -57,7 +57,7 @@ def grid_plan(t: int, p: int, d: int, v: int, schedule: str, b: int, m: int, ext
 
 
 def run_grid(model_name: str, cluster_name: str, steps: int, names: list[str]) -> list[dict]:
-    from modelpar.training.trainer import run_training
+    from modelpar.training.run import run_training
 
     model, cluster = MODEL_PRESETS[model_name], load_cluster(cluster_name)
     rows = []

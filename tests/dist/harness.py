@@ -28,7 +28,8 @@ from modelpar.runtime.launch import spawn
 from modelpar.runtime.mesh import ParallelContext, ParallelDims
 from modelpar.specs.model import ModelSpec
 from modelpar.specs.plan import ParallelPlan
-from modelpar.training.trainer import RankTrainer, TrainConfig
+from modelpar.training.config import TrainConfig
+from modelpar.training.trainer import RankTrainer
 
 DEFAULT_TIMEOUT_S = 240.0
 

@@ -25,7 +25,8 @@ from modelpar.models.gpt import init_gpt
 from modelpar.runtime.checkpoint import read_checkpoint
 from modelpar.specs.model import MODEL_PRESETS
 from modelpar.specs.plan import ParallelPlan
-from modelpar.training.trainer import RankTrainer, TrainConfig
+from modelpar.training.config import TrainConfig
+from modelpar.training.trainer import RankTrainer
 
 from .harness import dict_mismatches, launch_with_store, relative_mismatch, run_in_own_groups
 

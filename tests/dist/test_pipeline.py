@@ -20,7 +20,7 @@ from modelpar.schedules.actions import Action, build_schedule
 from modelpar.schedules.events import COMPUTE_KINDS
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import MODEL_PRESETS
-from modelpar.commands import train as train_command
+from modelpar.training import run as training_run
 
 from .harness import make_context, mismatch, relative_mismatch, run_ranks
 
@@ -169,7 +169,7 @@ def test_incomplete_action_list_is_refused(schedule_results):
 @pytest.mark.dist
 def test_crashing_rank_is_named_within_60_s(monkeypatch, capsys):
     # fault injection: rank 1 exits abruptly at the start of step 1 (`TrainConfig.crash_rank`)
-    monkeypatch.setattr(train_command, "run_training", functools.partial(train_command.run_training, crash_rank=1))
+    monkeypatch.setattr(training_run, "run_training", functools.partial(training_run.run_training, crash_rank=1))
     started = time.perf_counter()
     code = cli.main(["train", "--model", "gpt-tiny", "--pipeline-parallel", "2", "--steps", "3", "--json"])
     elapsed = time.perf_counter() - started

@@ -30,7 +30,8 @@ from modelpar.training.data import make_token_source
 from modelpar.models.gpt import DropoutKey, init_gpt
 from modelpar.specs.model import MODEL_PRESETS
 from modelpar.specs.plan import ParallelPlan
-from modelpar.training.trainer import RankTrainer, TrainConfig
+from modelpar.training.config import TrainConfig
+from modelpar.training.trainer import RankTrainer
 
 from .harness import dict_mismatches, launch_with_store, relative_mismatch, run_in_own_groups
 

@@ -26,7 +26,7 @@ from dist.test_batched_p2p import CASES as BATCHED_CASES
 from dist.test_equivalence import CASES, GPT
 from modelpar.runtime.launch import RankFailure, spawn
 from modelpar.schedules.events import COMPUTE_KINDS
-from modelpar.training.trainer import peak_memory_bytes
+from modelpar.training.run import peak_memory_bytes
 
 pytestmark = pytest.mark.gpu
 

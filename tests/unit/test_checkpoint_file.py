@@ -14,7 +14,8 @@ from modelpar.training.trainer import read_checkpoint_for
 from modelpar.runtime.zero import AdamW, OptimizerState, ZeroOneAdamW, decay_matrices
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
 from modelpar.specs.plan import complete_plan
-from modelpar.training.trainer import TrainConfig, validate_training
+from modelpar.training.config import TrainConfig
+from modelpar.training.trainer import validate_training
 
 SPEC = dataclasses.replace(MODEL_PRESETS["gpt-tiny"], num_layers=2)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from modelpar.caching import clear_caches
-from modelpar.planner import compute, cost, flops
+from modelpar.planner import compute, flops
 from modelpar.planner.constants import MATMUL_EFFICIENCY
 from modelpar.planner.cost import check_fits, estimate, pipeline_profile
 from modelpar.schedules.simulate import closed_form_bubble_fraction, simulate

@@ -17,7 +17,8 @@ from modelpar.runtime.tensor_parallel import ShardLayout, padded_chunk_layout
 from modelpar.runtime.zero import AdamW, ZeroOneAdamW, decay_matrices
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
 from modelpar.specs.plan import complete_plan
-from modelpar.training.trainer import TrainConfig, validate_training
+from modelpar.training.config import TrainConfig
+from modelpar.training.trainer import validate_training
 from modelpar.commands.train import add_arguments as add_train_arguments, optimizer_options_from_args
 
 

@@ -9,8 +9,8 @@ import torch
 
 from modelpar.schedules.simulate import PipelineDeadlock, check_runtime_order, simulate
 from modelpar.runtime import launch
-from modelpar.schedules.p2p import (ACTIVATION, GRADIENT, Exchange, Message, check_exchange_programs,
-                                  exchange_programs, lockstep_rounds)
+from modelpar.schedules.dependencies import ACTIVATION, GRADIENT, Message
+from modelpar.schedules.p2p import Exchange, check_exchange_programs, exchange_programs, lockstep_rounds
 from modelpar.runtime.pipeline import resolve_p2p_mode
 from modelpar.runtime.timeline import Timeline, _CudaClock
 from modelpar.schedules.actions import Action, build_schedule, interleaved_one_f_one_b

@@ -14,11 +14,11 @@ from modelpar.schedules.simulate import simulate
 from modelpar.report.memory_plot import memory_png
 from modelpar.report import memory_plot
 from modelpar.report.timeline import chunk_colours, event_colour
+from modelpar.schedules.events import events_from_simulation
 from modelpar.report.timeline import (
     TimelineEvent,
     chrome_trace,
     events_from_runtime,
-    events_from_simulation,
     gantt_png,
     side_by_side_png,
     timeline_bubble_fraction,

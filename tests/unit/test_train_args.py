@@ -11,7 +11,8 @@ import pytest
 from modelpar.commands import cli
 from modelpar.specs import MODEL_PRESETS, ParallelPlan, SpecError
 from modelpar.specs.plan import complete_plan
-from modelpar.training.trainer import TrainConfig, validate_training
+from modelpar.training.config import TrainConfig
+from modelpar.training.trainer import validate_training
 from modelpar.commands.train import add_arguments as add_train_arguments
 from modelpar.commands.train import train_plan as plan_from_args
 

@@ -21,6 +21,9 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from modelpar.specs import CLUSTER_PRESETS, MODEL_PRESETS, ClusterSpec, ModelSpec, SpecError
 
 COMMAND = "presets"
@@ -109,9 +112,6 @@ def format_parameters(count: int) -> str:
 
 
 def print_listing() -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     # piped output would otherwise wrap at 80 columns
     console = Console(highlight=False, width=max(shutil.get_terminal_size((120, 24)).columns, 100))
     models = Table(title="model presets (--model NAME)", title_justify="left")

@@ -1,5 +1,6 @@
 """`modelpar profile`: measure this machine (`profiling.measure`) and cache it as the cluster
-`--cluster local` reads (`specs.local`)."""
+`--cluster local` reads (`specs.local`). The measurements load torch, so `run` imports them only
+when the command runs (`modelpar plan` never loads torch)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from modelpar.profiling.measure import DEFAULT_RANKS, VALUE_BYTES, ProfileOptions, profile_machine
+from modelpar.profiling.fits import DEFAULT_RANKS, VALUE_BYTES
 from modelpar.runtime.launch import RankFailure
 from modelpar.specs.local import save_local_cluster
 
@@ -39,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`modelpar profile`: measure, write the cluster JSON (cache or --output), report."""
+    from modelpar.profiling.measure import ProfileOptions, profile_machine  # torch (module docstring)
+
     options = ProfileOptions(ranks=tuple(args.ranks), fast=args.fast, dtype=args.dtype)
     log = None if args.json else (lambda line: print(line, file=sys.stderr))
     try:

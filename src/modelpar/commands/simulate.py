@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 from modelpar.commands import flags
+from modelpar.planner.cost import usable_memory_bytes
+from modelpar.planner.memory import memory_per_device
+from modelpar.report import memory_plot
 from modelpar.planner.schedule_prediction import PredictedSchedule, predict_schedule
-from modelpar.report.timeline import gantt_png, write_chrome_trace
-from modelpar.specs import SpecError, load_plan
+from modelpar.report.timeline import format_duration, gantt_png, write_chrome_trace
+from modelpar.specs import load_plan
 from modelpar.specs.plan import COMPLETION_DEFAULTS, complete_plan
 
 
@@ -59,18 +62,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _memory_png(model, cluster, plan, predicted: PredictedSchedule, path: str, title: str) -> Path:
-    from modelpar.planner.cost import usable_memory_bytes
-    from modelpar.planner.memory import memory_per_device
-    from modelpar.report.memory_plot import memory_png
-
-    # the limit `estimate` checks: the usable share of the device as a plan of this size sees it
-    sized = cluster.for_world_size(plan.world_size)
+    # the limit `estimate` checks: the usable share of the device (`cluster` is resolved by `run`)
     in_flight = tuple(max(1, k) for k in predicted.simulation.peak_in_flight)
-    breakdowns = [memory_per_device(model, plan, usable_memory_bytes(sized), in_flight, stage=rank)
+    breakdowns = [memory_per_device(model, plan, usable_memory_bytes(cluster), in_flight, stage=rank)
                   for rank in range(plan.pipeline_parallel)]
-    return memory_png(breakdowns, path, title=f"memory per device, {title}",
+    return memory_plot.memory_png(breakdowns, path, title=f"memory per device, {title}",
                       stage_labels=[f"rank {rank}" for rank in range(plan.pipeline_parallel)],
-                      device_bytes=sized.device.memory_bytes)
+                      device_bytes=cluster.device.memory_bytes)
 
 
 def _summary(predicted: PredictedSchedule, outputs: dict) -> dict:
@@ -94,8 +92,6 @@ def _summary(predicted: PredictedSchedule, outputs: dict) -> dict:
 
 
 def _print_summary(document: dict, title: str) -> None:
-    from modelpar.report.timeline import format_duration
-
     print(title)
     print(f"  pipeline makespan   {format_duration(document['makespan_s'])}")
     print(f"  bubble fraction     {document['bubble_fraction']:.1%}")

@@ -1,7 +1,7 @@
 """`modelpar train` on the command line (contract in DESIGN.md): the flags (`add_arguments`), the
 command (`run`: complete the plan, call `run_training`, print), and the human summary, pictures and
-trace of a run. The training itself is `modelpar.training`, which imports torch only inside
-functions, so `modelpar --help` starts fast.
+trace of a run. The training itself is `modelpar.training`; it loads torch, so `run` imports it
+only when a run starts and `modelpar plan` / `modelpar --help` never do.
 """
 
 from __future__ import annotations
@@ -10,15 +10,17 @@ import argparse
 import json
 import sys
 
+from rich.console import Console
+
 from modelpar.commands import flags
 from modelpar.report.comparison import print_comparison
 from modelpar.report.timeline import events_from_runtime, gantt_png, side_by_side_png, write_chrome_trace
 from modelpar.schedules.events import TimelineEvent
-from modelpar.specs import ParallelPlan, load_cluster, load_model, load_plan
+from modelpar.runtime.launch import RankFailure
 from modelpar.schedules.p2p import P2P_MODES
+from modelpar.specs import ParallelPlan, load_cluster, load_model, load_plan
 from modelpar.specs.plan import RUNTIME_ZERO_STAGES, complete_plan
-from modelpar.training.trainer import (DEFAULT_CLIP_GRAD, DEFAULT_LEARNING_RATE, DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY,
-                                       run_training)
+from modelpar.training.config import DEFAULT_CLIP_GRAD, DEFAULT_LEARNING_RATE, DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +77,7 @@ def train_plan(args: argparse.Namespace) -> ParallelPlan:
 
 def run(args: argparse.Namespace) -> int:
     """`modelpar train`: SpecError propagates (the CLI prints it, exit 2); a failed rank is exit 1."""
-    from modelpar.runtime.launch import RankFailure
+    from modelpar.training.run import run_training  # torch: only once a run starts (module docstring)
 
     model = load_model(args.model)
     plan = train_plan(args)
@@ -125,8 +127,6 @@ def write_pictures(summary: dict, png: str | None, trace: str | None) -> None:
 def print_summary(summary: dict) -> None:
     """Human-readable result: the plan, losses, and measured vs predicted step time (compute,
     communication, bubble), memory and throughput, with the relative error of each."""
-    from rich.console import Console
-
     plan = summary["plan"]
     console = Console()
     console.print(

@@ -24,7 +24,7 @@ from torch import nn
 from modelpar.models.gpt import (MLP, AttentionCore, DropoutSite, Embedding, LMHead, SelfAttention, attention_inputs,
                                  keyed_dropout, merge_heads, mlp_activation)
 from modelpar.runtime.mesh import ParallelContext
-from modelpar.runtime.data_parallel import all_reduce_gradients, default_grad_of
+from modelpar.runtime.data_parallel import all_reduce_gradients
 from modelpar.runtime.sequence_parallel import mark_module_sequence_parallel, sequence_offset, sequence_parallel_parameters
 from modelpar.runtime.collectives import gather_last_dim
 from modelpar.runtime.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,

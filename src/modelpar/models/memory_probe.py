@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from modelpar.models.gpt import DropoutKey, TransformerLayer
+from modelpar.models.gpt_parallel import parallelize
 from modelpar.runtime.precision import PrecisionPolicy
 from modelpar.runtime.recompute import apply_recompute
 from modelpar.specs.errors import SpecError
@@ -121,8 +122,6 @@ def build_probe_layer(model_spec: ModelSpec, tensor_parallel: int = 1, sequence_
     with torch.random.fork_rng(devices=[]):  # default init; the values do not change the bytes saved
         container = _OneLayer(model_spec)
     if tensor_parallel > 1:
-        from modelpar.models.gpt_parallel import parallelize  # needs torch.distributed
-
         parallelize(container, ctx, sequence_parallel)
     device = ctx.device if ctx is not None else torch.device("cpu")
     container.to(device)

@@ -93,9 +93,10 @@ def predict_schedule(
 ) -> PredictedSchedule:
     """Estimate one step of a complete `plan` (memory with `precision`) and build its timeline
     (module docstring). Raises SpecError if the plan cannot run."""
+    cluster = cluster.for_world_size(num_devices or plan.world_size)  # once, for the estimate and the actions
     step_estimate = cost.estimate(model, cluster, num_devices or plan.world_size, plan, precision)
     parts = step_estimate.breakdown
-    times = action_times(model, cluster.for_world_size(plan.world_size), plan, parts["data_parallel_comm_s"],
+    times = action_times(model, cluster, plan, parts["data_parallel_comm_s"],
                          parts["optimizer_s"])
     actions = build_schedule(plan.schedule, plan.pipeline_parallel, plan.num_micro_batches, plan.virtual_stages)
     busiest = plan.num_micro_batches * max(sum(f) + sum(b) for f, b in zip(times.forward_s, times.backward_s))

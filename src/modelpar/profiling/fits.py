@@ -18,6 +18,8 @@ from modelpar.specs import ClusterSpec, DeviceSpec, ModelSpec, SpecError
 from modelpar.specs.cluster import SharedHostProfile
 
 VALUE_BYTES = {"fp32": 4, "bf16": 2}
+DEFAULT_RANKS = (1, 2, 4, 8)
+"""Rank counts `modelpar profile` measures by default; a plan of N ranks uses the smallest >= N."""
 HOST_POWER_WATTS = 65.0
 """Not measured: a nominal desktop/server CPU package power, shared equally by the ranks (used
 only for the energy column)."""

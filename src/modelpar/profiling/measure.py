@@ -78,21 +78,25 @@ CUDA-synchronised windows, GPU-sized shapes: `GPU_*` tables), the device memory 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from modelpar.profiling.fits import (GPU_REFERENCE_LAYERS, REFERENCE_LAYERS, TENSOR_REFERENCE_LAYERS,
-                                   TINY_REFERENCE_LAYER, VALUE_BYTES,
-                                   build_cluster, cpu_model_name, forward_backward_terms, host_facts,
-                                   reference_layer_spec, shared_host_profile)
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from modelpar.models.gpt import DropoutKey, DropoutSite, TransformerLayer, keyed_dropout
+from modelpar.models.gpt_parallel import ParallelAttention, ParallelMLP
+from modelpar.profiling.fits import (DEFAULT_RANKS, GPU_REFERENCE_LAYERS, REFERENCE_LAYERS, TENSOR_REFERENCE_LAYERS,
+                                     TINY_REFERENCE_LAYER, VALUE_BYTES, build_cluster,
+                                     forward_backward_terms, host_facts, reference_layer_spec, shared_host_profile)
+from modelpar.runtime.launch import choose_backend, spawn
+from modelpar.runtime.precision import DTYPES
+from modelpar.runtime.zero import AdamW
 from modelpar.specs import ClusterSpec
 
-DEFAULT_RANKS = (1, 2, 4, 8)
 BUSY_LOAD_PER_CORE = 0.5
 """A 1-minute load average above this many runnable processes per core before profiling means
 other work is running: the command warns that the figures will be pessimistic."""
@@ -181,13 +185,9 @@ class _Bench:
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
-            import torch
-
             torch.cuda.synchronize(self.device)
 
     def tensor(self, *shape, grad: bool = False, fill: float | None = None):
-        import torch
-
         values = (torch.randn(*shape, device=self.device, dtype=self.dtype) if fill is None
                   else torch.full(shape, fill, device=self.device, dtype=self.dtype))
         return values.requires_grad_(grad)
@@ -231,8 +231,6 @@ def _op_overhead(bench: _Bench) -> float:
 
 
 def _measure_gemms(bench: _Bench, value_bytes: int) -> list[tuple[float, float, int, float]]:
-    import torch.nn.functional as F
-
     samples = []
     for tokens, width_in, width_out in bench.sizes(LINEAR_SHAPES, FAST_LINEAR_SHAPES, GPU_LINEAR_SHAPES):
         x, grad = bench.tensor(tokens, width_in, grad=True), bench.tensor(tokens, width_out)
@@ -248,9 +246,6 @@ def _measure_gemms(bench: _Bench, value_bytes: int) -> list[tuple[float, float, 
 
 
 def _measure_elementwise(bench: _Bench, value_bytes: int) -> list[tuple[float, float]]:
-    import torch
-    import torch.nn.functional as F
-
     samples = []
     for size in bench.sizes(ELEMENTWISE_SIZES, FAST_ELEMENTWISE_SIZES, GPU_ELEMENTWISE_SIZES):
         values, ones = bench.tensor(size // ROW, ROW, grad=True), bench.tensor(size // ROW, ROW, fill=1.0)
@@ -274,9 +269,6 @@ class _LayerStack:
     (the runtime's own ParallelAttention / ParallelMLP, no sequence parallelism)."""
 
     def __init__(self, bench: _Bench, shape: tuple, dropout: float = 0.0, split: bool = False) -> None:
-        from modelpar.models.gpt import DropoutKey, TransformerLayer
-        from modelpar.models.gpt_parallel import ParallelAttention, ParallelMLP
-
         hidden, heads, mlp, seq, batch = shape
         spec = reference_layer_spec(hidden, heads, mlp, seq, dropout)
         self.layers = []
@@ -326,8 +318,6 @@ def _measure_tiny_layer(bench: _Bench) -> tuple[float, float, float] | None:
 def _measure_tensor_parallel_layers(bench: _Bench) -> list[float]:
     """Seconds of forward + backward of one tensor-parallel reference layer split over all the
     ranks of the profile, inside a `_LayerStack` (no dropout); none with --fast or a single rank."""
-    import torch.distributed as dist
-
     if bench.options.fast or dist.get_world_size() == 1:
         return []
     seconds = []
@@ -342,8 +332,6 @@ def _while_others_compute(bench: _Bench, measure):
     """`measure()` on each rank in turn while the other ranks multiply matrices (as in training,
     where a rank's memory-bound kernels rarely coincide with the same kernels on the others);
     returns this rank's result."""
-    import torch.distributed as dist
-
     left, right = bench.tensor(256, 256), bench.tensor(256, 256)
     result = None
     for turn in range(dist.get_world_size()):
@@ -360,11 +348,6 @@ def _while_others_compute(bench: _Bench, measure):
 
 
 def _measure_device(bench: _Bench, value_bytes: int) -> dict:
-    import torch
-
-    from modelpar.models.gpt import DropoutKey, DropoutSite, keyed_dropout
-    from modelpar.runtime.zero import AdamW
-
     fast = bench.options.fast
     dropout_inputs = [bench.tensor(*shape, grad=True)
                       for shape in bench.sizes(DROPOUT_SHAPES, FAST_DROPOUT_SHAPES, GPU_DROPOUT_SHAPES)]
@@ -400,8 +383,6 @@ def _time_collective(fn, repeats: int, bench: _Bench) -> float:
     (it multiplies matrices first), as a rank finishing its GEMMs does in training: the others
     are already waiting, asleep, and its time is the exposed part of the collective, waking them
     included (`report.comparison` measures the same part: a span less its wait for the last)."""
-    import torch.distributed as dist
-
     late = dist.get_rank() == dist.get_world_size() - 1
     left, right = bench.tensor(128, 128), bench.tensor(128, 128)
     fn()
@@ -422,8 +403,6 @@ def _time_collective(fn, repeats: int, bench: _Bench) -> float:
 
 
 def _measure_link(rank: int, world: int, bench: _Bench, value_bytes: int) -> list[tuple[str, int, float, float]]:
-    import torch.distributed as dist
-
     samples = []
     for num_bytes in (FAST_COLLECTIVE_BYTES if bench.options.fast else COLLECTIVE_BYTES):
         values = bench.tensor(num_bytes // value_bytes, fill=0.0)
@@ -446,11 +425,6 @@ def _measure_link(rank: int, world: int, bench: _Bench, value_bytes: int) -> lis
 def _profile_worker(rank: int, world: int, options: ProfileOptions) -> dict:
     """Spawned rank: device measurements while all `world` ranks run them, then the link. On
     NCCL (a GPU per rank) the launcher made this rank's GPU the current device."""
-    import torch
-    import torch.distributed as dist
-
-    from modelpar.runtime.precision import DTYPES
-
     on_gpu = dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     sharing = 1.0 if on_gpu else max(1.0, dist.get_world_size() / (os.cpu_count() or 1))
@@ -469,8 +443,6 @@ def profile_machine(options: ProfileOptions = ProfileOptions(), timeout_s: float
                     log=None) -> tuple[ClusterSpec, dict]:
     """Measure this machine for every k in `options.ranks`; returns (cluster, raw measurements).
     With a GPU for every rank the ranks run on the GPUs over NCCL, else on the CPU over gloo."""
-    from modelpar.runtime.launch import choose_backend, spawn
-
     backend = choose_backend(max(options.ranks))
     host = host_facts()
     load_before = _load_average()
@@ -506,4 +478,4 @@ def _load_average() -> float | None:
         return None
 
 
-__all__ = ["ProfileOptions", "profile_machine", "cpu_model_name", "DEFAULT_RANKS", "VALUE_BYTES"]
+__all__ = ["ProfileOptions", "profile_machine"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-
 from rich.table import Table
 
 from modelpar.planner.prediction import COMPARED_KEYS

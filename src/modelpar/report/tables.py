@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from modelpar.planner.cost import BREAKDOWN_KEYS
 from modelpar.planner.search import explain_losers
 
@@ -25,9 +28,6 @@ HIDDEN_KEYS = ("overlapped_comm_s",)
 
 def _console():
     import shutil
-
-    from rich.console import Console
-
     # Piped output would otherwise wrap at 80 columns and fold every table cell.
     width = max(shutil.get_terminal_size((140, 24)).columns, 120)
     return Console(highlight=False, width=width)
@@ -95,8 +95,6 @@ def _plan_label(plan) -> str:
 
 
 def print_search(result, model, cluster, num_devices: int, elapsed_s: float) -> None:
-    from rich.table import Table
-
     console = _console()
     table = Table(
         title=f"{model.name} on {num_devices} x {cluster.device.name} ({cluster.name}): best plans",
@@ -137,8 +135,6 @@ def no_plan_message(result, model, cluster, num_devices: int) -> str:
 
 
 def print_estimate(estimate, model, cluster, num_devices: int) -> None:
-    from rich.table import Table
-
     console = _console()
     p = estimate.plan
     console.print(
@@ -182,8 +178,6 @@ def _seconds_keys(breakdown: dict) -> list[str]:
 def _time_table(estimate):
     """Seconds of the step by component: the step's parts add up to the step; the parts of compute
     are indented under it, and overlapped communication is listed below the total as hidden."""
-    from rich.table import Table
-
     step = estimate.step_time_s
     breakdown = estimate.breakdown
     keys = _seconds_keys(breakdown)
@@ -207,8 +201,6 @@ def _time_table(estimate):
 
 
 def print_validation(report) -> None:
-    from rich.table import Table
-
     console = _console()
     table = Table(title="published runs: predicted vs measured step time", title_justify="left")
     for column in ("run", "group", "devices", "measured (s)", "predicted (s)", "error", "pred. MFU", "filled in"):

@@ -29,8 +29,7 @@ from typing import Any
 
 from modelpar.report.figures import TIME_UNITS, format_with_unit, pyplot, readable_unit, save_figure
 from modelpar.schedules.events import (ALLREDUCE_KIND, BACKWARD_KIND, COMPUTE_KINDS, FORWARD_KIND, GRAD_SYNC_KIND,
-                                       RECV_KIND, SEND_KIND, SEND_WAIT_KIND, TimelineEvent, action_label,
-                                       events_from_simulation)
+                                       RECV_KIND, SEND_KIND, SEND_WAIT_KIND, TimelineEvent, action_label)
 
 COMMUNICATION_KINDS = (RECV_KIND, SEND_KIND, SEND_WAIT_KIND)  # drawn as a thin strip under the compute boxes
 RUNTIME_KIND_NAMES = {GRAD_SYNC_KIND: ALLREDUCE_KIND}  # runtime span kind -> drawn kind

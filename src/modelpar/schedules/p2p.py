@@ -41,8 +41,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from modelpar.schedules.actions import Action
-from modelpar.schedules.dependencies import (  # ACTIVATION, GRADIENT, Message, PipelineDeadlock: also for p2p's users
-    ACTIVATION, GRADIENT, Message, PipelineDeadlock, chunk_needs, key_of, produces, receives)
+from modelpar.schedules.dependencies import Message, PipelineDeadlock, chunk_needs, key_of, produces, receives
 
 P2P_MODES = ("tagged", "batched")
 """How the executor moves pipeline messages: gloo's tag matching, or this module's batched exchanges."""
