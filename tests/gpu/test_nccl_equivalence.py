@@ -127,10 +127,9 @@ def test_crashing_nccl_rank_is_named_within_60_s():
 
 
 @pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
-def test_stuck_nccl_collective_times_out_instead_of_hanging(monkeypatch):
-    monkeypatch.setenv("MODELPAR_COLLECTIVE_TIMEOUT_S", "15")
+def test_stuck_nccl_collective_times_out_instead_of_hanging():
     started = time.monotonic()
     with pytest.raises(RankFailure) as info:
-        spawn(_rank_one_stalls, 2, timeout_s=120, backend="nccl")
+        spawn(_rank_one_stalls, 2, timeout_s=120, backend="nccl", collective_timeout=15)
     assert info.value.rank == 0, str(info.value)  # the NCCL watchdog ended rank 0, not the spawn timeout
     assert time.monotonic() - started < FAILURE_DEADLINE_S

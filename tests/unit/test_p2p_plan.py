@@ -177,11 +177,8 @@ def test_local_cuda_device_without_gpus_is_a_spec_error():
         launch.local_cuda_device(0)
 
 
-def test_collective_timeout_override(monkeypatch):
-    monkeypatch.delenv(launch.COLLECTIVE_TIMEOUT_ENV, raising=False)
-    assert launch.collective_timeout_s(300.0) == 300.0
-    monkeypatch.setenv(launch.COLLECTIVE_TIMEOUT_ENV, "20")
-    assert launch.collective_timeout_s(300.0) == 20.0
-    monkeypatch.setenv(launch.COLLECTIVE_TIMEOUT_ENV, "soon")
-    with pytest.raises(SpecError, match="MODELPAR_COLLECTIVE_TIMEOUT_S='soon' must be a positive number"):
-        launch.collective_timeout_s(300.0)
+def test_collective_timeout_override():
+    assert launch.collective_timeout_s(None, 300.0) == 300.0
+    assert launch.collective_timeout_s(20, 300.0) == 20.0
+    with pytest.raises(SpecError, match="--collective-timeout 'soon' must be a positive number"):
+        launch.collective_timeout_s("soon", 300.0)

@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-checkpoint", metavar="PATH",
                         help="save the final weights, AdamW state and step count (serial layout, loads into any plan)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are declared stuck")
+    parser.add_argument("--collective-timeout", type=float, metavar="SECONDS",
+                        help="timeout of one collective (default: --timeout; under torchrun with NCCL 45 s, so a "
+                             "dead peer on another node is noticed within a minute)")
     parser.add_argument("--p2p", choices=P2P_MODES, help="pipeline point-to-point: 'tagged' (gloo's tag matching, "
                         "the gloo default) or 'batched' (one batch_isend_irecv per lockstep round, the NCCL default)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster) if args.cluster else None
     try:
         summary = run_training(model, plan, args.steps, args.seed, args.dtype, args.data,
-                               learning_rate=args.learning_rate, cluster=cluster, timeout_s=args.timeout, p2p=args.p2p,
+                               learning_rate=args.learning_rate, cluster=cluster, timeout_s=args.timeout,
+                               collective_timeout_s=args.collective_timeout, p2p=args.p2p,
                                progress=not args.json or sys.stderr.isatty(),
                                load_checkpoint=args.load_checkpoint, save_checkpoint=args.save_checkpoint,
                                **optimizer_options_from_args(args))

@@ -14,6 +14,9 @@ import platform
 import statistics
 from dataclasses import replace
 
+import numpy as np
+
+from modelpar.planner import compute
 from modelpar.specs import ClusterSpec, DeviceSpec, ModelSpec, SpecError
 from modelpar.specs.cluster import SharedHostProfile
 
@@ -37,8 +40,7 @@ the row-parallel outputs of attention and MLP, and the column-parallel input gra
 
 def _nonnegative_relative_fit(rows: list[list[float]], times: list[float]) -> list[float]:
     """x >= 0 minimising sum_i ((rows_i . x) / times_i - 1)^2 (least squares on relative error)."""
-    import numpy as np
-    from scipy.optimize import nnls
+    from scipy.optimize import nnls  # the dev/profile extra; the planner never needs scipy
 
     matrix = np.array(rows, dtype=float) / np.array(times, dtype=float)[:, None]
     solution, _ = nnls(matrix, np.ones(len(times)))
@@ -99,8 +101,6 @@ def fit_layer_bandwidth(device: DeviceSpec, layer_seconds: list[float],
     The cost model's layer time is linear in 1 / W: t(W) = A + B / W (A: GEMMs and per-op
     overheads, B: the bytes its elementwise kernels move), so A and B come from two evaluations
     and 1 / W from least squares on relative error, sum ((A_i + B_i x) / T_i - 1)^2."""
-    from modelpar.planner import compute
-
     numerator = denominator = 0.0
     for (hidden, heads, mlp, seq, batch), measured in zip(references, layer_seconds):
         spec = reference_layer_spec(hidden, heads, mlp, seq)
@@ -156,8 +156,6 @@ def fit_layer_overheads(device: DeviceSpec, tiny: tuple[float, float, float] | N
     backward and dropout times less what the cost model's kernels give for it (each at least 0).
     The dropout part is the with-dropout time less the without, less the per-element cost the
     device has so far (refitted afterwards, `shared_host_profile`)."""
-    from modelpar.planner import compute
-
     if tiny is None:
         return device
     forward, forward_backward, with_dropout = tiny
@@ -181,8 +179,6 @@ def fit_tensor_link(device: DeviceSpec, ranks: int, layer_seconds: list[float],
     layers (least squares on relative error). On a CPU the collectives' threads wait for cores
     the GEMMs of every rank hold, a cost per message, not per byte (the reference activations
     are too alike in size to tell the two apart). None when nothing is left for the collectives."""
-    from modelpar.planner import compute
-
     if ranks < 2 or not layer_seconds:
         return None
     weighted = weights = 0.0

@@ -7,6 +7,7 @@ The JSON shapes are the contracts of DESIGN.md: `plan` -> {"plans": [...], "reje
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
@@ -27,7 +28,6 @@ HIDDEN_KEYS = ("overlapped_comm_s",)
 
 
 def _console():
-    import shutil
     # Piped output would otherwise wrap at 80 columns and fold every table cell.
     width = max(shutil.get_terminal_size((140, 24)).columns, 120)
     return Console(highlight=False, width=width)

@@ -16,9 +16,12 @@ becomes the current CUDA device *before* ``init_process_group``, as NCCL require
 within 0.1 s, and torchrun's agent sees its own node's workers; a peer on another node is only
 noticed when a collective times out, so under torchrun the NCCL collective timeout defaults to
 `TORCHRUN_NCCL_TIMEOUT_S` (45 s, inside the 60 s the issue allows) with
-TORCH_NCCL_ASYNC_ERROR_HANDLING on, which makes the NCCL watchdog abort the stuck rank. Set
-MODELPAR_COLLECTIVE_TIMEOUT_S to change the collective timeout of any launch (long checkpoint
-writes on one rank while the others wait need more).
+TORCH_NCCL_ASYNC_ERROR_HANDLING on, which makes the NCCL watchdog abort the stuck rank.
+`spawn(collective_timeout_s=...)` (`modelpar train --collective-timeout`) sets the collective
+timeout of any launch (long checkpoint writes on one rank while the others wait need more).
+
+torch is imported inside the functions: `modelpar train`'s command module imports `RankFailure`
+from here, and the planner's commands must start without torch.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from modelpar.specs.errors import SpecError
 POLL_INTERVAL_S = 0.1
 TERMINATE_GRACE_S = 5.0
 BACKENDS = ("gloo", "nccl", "auto")
-COLLECTIVE_TIMEOUT_ENV = "MODELPAR_COLLECTIVE_TIMEOUT_S"
 TORCHRUN_NCCL_TIMEOUT_S = 45.0
 
 
@@ -80,18 +82,13 @@ def local_cuda_device(rank: int):
     return device
 
 
-def collective_timeout_s(default_s: float) -> float:
-    """$MODELPAR_COLLECTIVE_TIMEOUT_S if set, else `default_s`."""
-    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV)
-    if value in (None, ""):
+def collective_timeout_s(requested: float | None, default_s: float) -> float:
+    """`requested` seconds (`--collective-timeout`) if given, else `default_s`."""
+    if requested is None:
         return default_s
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if seconds <= 0:
-        raise SpecError(f"{COLLECTIVE_TIMEOUT_ENV}={value!r} must be a positive number of seconds")
-    return seconds
+    if isinstance(requested, bool) or not isinstance(requested, (int, float)) or not 0 < requested < float("inf"):
+        raise SpecError(f"--collective-timeout {requested!r} must be a positive number of seconds")
+    return float(requested)
 
 
 def free_port() -> int:
@@ -108,7 +105,7 @@ def under_torchrun() -> bool:
 def init_distributed(rank: int, world_size: int, backend: str | None = None, timeout_s: float = 300.0) -> None:
     """init_process_group from MASTER_ADDR/MASTER_PORT in the environment (no-op if already
     initialised). NCCL: the local GPU becomes the current device first, and the watchdog's async
-    error handling is on. `timeout_s`: the collective timeout (overridden by $MODELPAR_COLLECTIVE_TIMEOUT_S)."""
+    error handling is on. `timeout_s`: the collective timeout."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -117,8 +114,7 @@ def init_distributed(rank: int, world_size: int, backend: str | None = None, tim
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # abort a rank stuck past the timeout
         local_cuda_device(rank)
-    timeout = collective_timeout_s(timeout_s)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: float, fn: Callable,
@@ -157,8 +153,11 @@ def _stop(processes) -> None:
 
 
 def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 300.0,
-          backend: str = "gloo") -> list[Any]:
+          backend: str = "gloo", collective_timeout: float | None = None) -> list[Any]:
     """Run fn(rank, world_size, *args) on every rank; return the values, indexed by rank.
+
+    `timeout_s`: seconds before the launch is declared stuck; `collective_timeout`: the collective
+    timeout of the process group (default: `timeout_s`, under torchrun with NCCL at most 45 s).
 
     `backend`: "gloo", "nccl" (needs a GPU per rank) or "auto" (`choose_backend`). Under torchrun
     only this process's entry is filled (the others are None), after initialising the default
@@ -174,8 +173,8 @@ def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: 
             raise SpecError(f"spawn: torchrun started {env_world} ranks but the plan needs {world_size}; "
                             f"run torchrun with --nproc-per-node x --nnodes = {world_size}")
         torchrun_backend = default_backend()
-        init_distributed(rank, world_size, torchrun_backend,
-                         min(timeout_s, TORCHRUN_NCCL_TIMEOUT_S) if torchrun_backend == "nccl" else timeout_s)
+        default = min(timeout_s, TORCHRUN_NCCL_TIMEOUT_S) if torchrun_backend == "nccl" else timeout_s
+        init_distributed(rank, world_size, torchrun_backend, collective_timeout_s(collective_timeout, default))
         values: list[Any] = [None] * world_size
         values[rank] = fn(rank, world_size, *args)
         return values
@@ -194,7 +193,8 @@ def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: 
     results = context.Queue()
     port = free_port()
     processes = [
-        context.Process(target=_worker, args=(rank, world_size, port, backend, timeout_s, fn, args, results),
+        context.Process(target=_worker, args=(rank, world_size, port, backend,
+                                              collective_timeout_s(collective_timeout, timeout_s), fn, args, results),
                         daemon=True, name=f"modelpar-rank-{rank}")
         for rank in range(world_size)
     ]

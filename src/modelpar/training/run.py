@@ -136,7 +136,8 @@ def _train_worker(rank: int, world_size: int, config: TrainConfig) -> dict:
 
 def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT_STEPS, seed: int = 0,
                  dtype: str = "fp32", data_path: str | None = None, *, learning_rate: float = DEFAULT_LEARNING_RATE,
-                 cluster=None, timeout_s: float = 600.0, progress: bool = True,
+                 cluster=None, timeout_s: float = 600.0, collective_timeout_s: float | None = None,
+                 progress: bool = True,
                  crash_rank: int | None = None, p2p: str | None = None, load_checkpoint: str | None = None,
                  save_checkpoint: str | None = None, **optimizer_options) -> dict | None:
     """Train `steps` steps of `plan` (partial plans are completed with the runtime defaults) and
@@ -176,7 +177,8 @@ def run_training(model_spec: ModelSpec, plan: ParallelPlan, steps: int = DEFAULT
     else:
         peak, peak_source = measure_matmul_tflops(dtype) / world, "measured host matmul / ranks"
     # torchrun: this process's rank only (NCCL on GPUs); otherwise gloo ranks on this machine's CPU
-    results = spawn(_train_worker, world, (config,), timeout_s=timeout_s, backend=backend)
+    results = spawn(_train_worker, world, (config,), timeout_s=timeout_s, backend=backend,
+                    collective_timeout=collective_timeout_s)
     rank_results = next((r for r in results if r is not None), None)
     if rank_results is None:  # a torchrun rank other than 0: rank 0 reports
         return None
