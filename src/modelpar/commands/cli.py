@@ -72,8 +72,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with bad flags reported as one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelpar", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="modelpar", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"modelpar {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
 

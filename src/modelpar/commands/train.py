@@ -131,15 +131,10 @@ def write_pictures(summary: dict, png: str | None, trace: str | None) -> None:
 def print_summary(summary: dict) -> None:
     """Human-readable result: the plan, losses, and measured vs predicted step time (compute,
     communication, bubble), memory and throughput, with the relative error of each."""
-    plan = summary["plan"]
+    plan = ParallelPlan(**summary["plan"])
     console = Console()
-    console.print(
-        f"[bold]{summary['model']}[/bold] on t{plan['tensor_parallel']} x p{plan['pipeline_parallel']} x "
-        f"d{plan['data_parallel']} ({summary['world_size']} ranks), {plan['schedule']}"
-        f"{' v' + str(plan['virtual_stages']) if plan['virtual_stages'] > 1 else ''}, b={plan['micro_batch_size']}, "
-        f"B={plan['global_batch_size']}, SP={'on' if plan['sequence_parallel'] else 'off'}, "
-        f"recompute={plan['recompute']}, ZeRO-{plan['zero_stage']}, {summary['dtype']}, data: {summary['data']}"
-    )
+    console.print(f"[bold]{summary['model']}[/bold] on {summary['world_size']} ranks: {plan.describe()}, "
+                  f"B={plan.global_batch_size}, {summary['dtype']}, data: {summary['data']}")
     losses, norms, rates = summary["losses"], summary["grad_norms"], summary["learning_rates"]
     clip = summary["optimizer"]["clip_grad"]
     resumed = f" (resumed after step {summary['start_step']})" if summary.get("start_step") else ""

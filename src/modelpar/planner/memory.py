@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from modelpar.specs.errors import SpecError
 from modelpar.specs.model import ModelSpec
-from modelpar.specs.plan import RECOMPUTE_MODES, ParallelPlan
+from modelpar.specs.plan import RECOMPUTE_MODES, ZERO_STAGES, ParallelPlan
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def model_state_bytes_per_parameter(
     ZeRO-1 divides the optimizer states by d, ZeRO-2 also the gradients, ZeRO-3 also the weights
     (Rajbhandari et al. 2020, Fig. 1: 7.5B parameters, d = 64: 120 GB, 31.4 GB, 16.6 GB, 1.9 GB).
     """
-    if zero_stage not in (0, 1, 2, 3):
+    if zero_stage not in ZERO_STAGES:
         raise SpecError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
     d = data_parallel
     weight, gradient, optimizer = precision.weight_bytes, precision.gradient_bytes, precision.optimizer_bytes

@@ -26,13 +26,7 @@ from modelpar.specs.cluster import ClusterSpec
 from modelpar.specs.errors import SpecError
 from modelpar.specs.io import from_dict, load_cluster, read_json
 from modelpar.specs.model import ModelSpec
-from modelpar.specs.plan import ParallelPlan
-
-PLAN_FIELDS = (
-    "tensor_parallel", "pipeline_parallel", "data_parallel", "virtual_stages", "micro_batch_size",
-    "global_batch_size", "sequence_parallel", "recompute", "zero_stage", "schedule",
-)
-
+from modelpar.specs.plan import PLAN_FIELDS, ParallelPlan
 
 @dataclass(frozen=True)
 class ValidationRow:

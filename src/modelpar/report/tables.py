@@ -87,13 +87,6 @@ def validation_json(report) -> dict:
     return {"runs": [_as_dict(r) for r in report.runs], "summary": _as_dict(report.summary)}
 
 
-def _plan_label(plan) -> str:
-    label = f"t{plan.tensor_parallel} p{plan.pipeline_parallel} d{plan.data_parallel}"
-    if plan.virtual_stages and plan.virtual_stages > 1:
-        label += f" v{plan.virtual_stages}"
-    return label
-
-
 def print_search(result, model, cluster, num_devices: int, elapsed_s: float) -> None:
     console = _console()
     table = Table(
@@ -108,7 +101,7 @@ def print_search(result, model, cluster, num_devices: int, elapsed_s: float) -> 
         b = e.breakdown
         comm = sum(b.get(key, 0.0) for key in EXPOSED_COMM_KEYS)
         table.add_row(
-            str(rank), _plan_label(p), str(p.micro_batch_size), str(p.num_micro_batches), p.schedule,
+            str(rank), p.degrees(), str(p.micro_batch_size), str(p.num_micro_batches), p.schedule,
             "yes" if p.sequence_parallel else "no", p.recompute, str(p.zero_stage), f"{e.step_time_s:.3f}",
             f"{e.mfu:.1%}", f"{e.memory.total / GIB:.1f}", f"{b.get('bubble_s', 0.0) / e.step_time_s:.1%}",
             f"{comm / e.step_time_s:.1%}",
@@ -138,9 +131,7 @@ def print_estimate(estimate, model, cluster, num_devices: int) -> None:
     console = _console()
     p = estimate.plan
     console.print(
-        f"[bold]{model.name}[/bold] on {num_devices} x {cluster.device.name}: {_plan_label(p)}, micro-batch "
-        f"{p.micro_batch_size} x {p.num_micro_batches}, {p.schedule}, SP {'on' if p.sequence_parallel else 'off'}, "
-        f"recompute {p.recompute}, ZeRO-{p.zero_stage}"
+        f"[bold]{model.name}[/bold] on {num_devices} x {cluster.device.name}: {p.describe()}"
     )
     console.print(
         f"predicted step {estimate.step_time_s:.3f} s, MFU {estimate.mfu:.1%}, HFU {estimate.hfu:.1%}, "

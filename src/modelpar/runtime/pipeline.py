@@ -69,11 +69,12 @@ from modelpar.specs.plan import ParallelPlan
 
 def stage_layer_ranges(num_layers: int, num_stages: int, virtual_stages: int = 1) -> list[range]:
     """Layers of each global stage: L / (p v) consecutive layers each (the plan checks divisibility)."""
+    model = SimpleNamespace(num_layers=num_layers, name="the model")
+    reason = rules.layers_rule(model, num_stages, virtual_stages)
+    if reason is not None:
+        raise SpecError(rules.explain(reason, ParallelPlan(pipeline_parallel=num_stages, virtual_stages=virtual_stages),
+                                      model))
     total = num_stages * virtual_stages
-    if num_layers % total:
-        raise SpecError(rules.explain(rules.VIRTUAL_LAYERS, ParallelPlan(pipeline_parallel=num_stages,
-                                                                        virtual_stages=virtual_stages),
-                                      SimpleNamespace(num_layers=num_layers, name="the model")))
     per_stage = num_layers // total
     return [range(g * per_stage, (g + 1) * per_stage) for g in range(total)]
 
