@@ -94,8 +94,7 @@ def table_rows(document: dict) -> list[tuple[str, ...]]:
     for row in document["rows"]:
         plan = row["plan"]
         rows.append((
-            row["name"], f"t{plan['tensor_parallel']} p{plan['pipeline_parallel']} d{plan['data_parallel']}"
-            f"{' v' + str(plan['virtual_stages']) if plan['virtual_stages'] > 1 else ''}",
+            row["name"], ParallelPlan(**plan).degrees(),
             str(row["num_micro_batches"]), plan["schedule"], f"{row['predicted']['step_time_s']:.3f}",
             f"{row['measured']['step_time_s']:.3f}", f"{row['relative_error']:+.1%}",
             split(row["predicted"]), split(row["measured"]),
