@@ -3,7 +3,6 @@ and the one-line error for an unknown name."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -13,10 +12,7 @@ from modelpar.specs import CLUSTER_PRESETS, MODEL_PRESETS, SpecError, load_clust
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="modelpar")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    presets.register(subparsers)
-    return parser.parse_args(["presets", *argv])
+    return cli.build_parser().parse_args(["presets", *argv])
 
 
 def run(capsys, *argv):

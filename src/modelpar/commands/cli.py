@@ -9,10 +9,9 @@ starts fast and never loads torch.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
-from dataclasses import asdict, is_dataclass
 from typing import Sequence
 
 from modelpar import __version__
@@ -41,7 +40,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         document = tables.search_json(result)
         document["search_seconds"] = result.seconds
-        print_json(document)
+        tables.print_json(document)
     else:
         _print_note(flags.tensor_note(partial, cluster))
         tables.print_search(result, model, cluster, args.devices, elapsed)
@@ -54,7 +53,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     plan.check(model, args.devices)
     result = estimate(model, cluster, args.devices, plan)
     if args.json:
-        print_json(tables.estimate_json(result))
+        tables.print_json(tables.estimate_json(result))
     else:
         _print_note(flags.tensor_note(plan, cluster))
         tables.print_estimate(result, model, cluster, args.devices)
@@ -66,7 +65,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     report = validate_runs(args.runs or default_runs_path())
     if args.json:
-        print_json(tables.validation_json(report))
+        tables.print_json(tables.validation_json(report))
     else:
         tables.print_validation(report)
     return 0
@@ -110,26 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", train, "run real training on torch.distributed"),
         ("simulate", simulate, "draw a plan's pipeline schedule without running it"),
         ("profile", profile, "measure this machine as a cluster spec (--cluster local)"),
+        ("presets", presets, "list the model and cluster presets, or print one as a JSON template"),
     ):
         command = subparsers.add_parser(name, help=help_text)
         module.add_arguments(command)
         command.set_defaults(func=module.run)
-    presets.register(subparsers)
     return parser
-
-
-def print_json(document) -> None:
-    """One JSON document on stdout (dataclasses and objects with `to_dict` included)."""
-    json.dump(document, sys.stdout, indent=1, default=_json_default)
-    sys.stdout.write("\n")
-
-
-def _json_default(value):
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if is_dataclass(value):
-        return asdict(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _print_note(note: str | None) -> None:
@@ -147,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `modelpar ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ when the command runs (`modelpar plan` never loads torch)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 
+from modelpar.report.tables import print_json
 from modelpar.profiling.fits import DEFAULT_RANKS, VALUE_BYTES
 from modelpar.runtime.launch import RankFailure
 from modelpar.specs.local import save_local_cluster
@@ -51,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     path = save_local_cluster(cluster, args.output)
     if args.json:
-        json.dump({"path": str(path), "cluster": asdict(cluster), "measurements": raw}, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json({"path": str(path), "cluster": asdict(cluster), "measurements": raw})
     else:
         print(f"wrote {path}; use it with --cluster {'local' if args.output is None else path}")
     return 0

@@ -6,10 +6,9 @@ shows the estimate's numbers), as a Gantt chart, a Chrome trace and a memory pic
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
+from modelpar.report.tables import print_json
 from modelpar.commands import flags
 from modelpar.planner.cost import usable_memory_bytes
 from modelpar.planner.memory import memory_per_device
@@ -54,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
         outputs["memory_png"] = str(_memory_png(model, cluster, plan, predicted, args.memory_png, title))
     document = _summary(predicted, outputs)
     if args.json:
-        json.dump(document, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(document)
     else:
         _print_summary(document, title)
     return 0

@@ -7,11 +7,11 @@ only when a run starts and `modelpar plan` / `modelpar --help` never do.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from rich.console import Console
 
+from modelpar.report.tables import print_json
 from modelpar.commands import flags
 from modelpar.report.comparison import print_comparison
 from modelpar.report.timeline import events_from_runtime, gantt_png, side_by_side_png, write_chrome_trace
@@ -99,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     write_pictures(summary, args.png, args.trace)
     if args.json:
-        json.dump(summary, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        print_json(summary)
     else:
         print_summary(summary)
     return 0
@@ -145,6 +144,3 @@ def print_summary(summary: dict) -> None:
     details = summary["measurement"]
     console.print(f"MFU against {details['peak_tflops_per_device']:.3g} TFLOP/s per rank "
                   f"({details['peak_tflops_source']})")
-
-
-__all__ = ["add_arguments", "optimizer_options_from_args", "train_plan", "run", "print_summary", "write_pictures"]

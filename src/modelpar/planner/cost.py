@@ -401,6 +401,12 @@ BREAKDOWN_KEYS = (
     "compute_s", "recompute_s", "embedding_and_logits_s", "tensor_parallel_comm_s", "bubble_s", "pipeline_p2p_s",
     "data_parallel_comm_s", "optimizer_s", "overlapped_comm_s",
 )
+INSIDE_COMPUTE_KEYS = ("recompute_s", "embedding_and_logits_s")
+"""Parts of `compute_s` (adding them to the step would count them twice)."""
+HIDDEN_KEYS = ("overlapped_comm_s",)
+"""Seconds that overlap compute: reported, but not part of the step."""
+EXPOSED_COMM_KEYS = ("tensor_parallel_comm_s", "pipeline_p2p_s", "data_parallel_comm_s")
+"""Communication on the critical path."""
 
 
 def step_time_parts(

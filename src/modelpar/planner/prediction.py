@@ -88,6 +88,3 @@ def try_predict(model: ModelSpec, plan: ParallelPlan, cluster: ClusterSpec | Non
         return predict(model, plan, cluster, dtype), None
     except SpecError as error:
         return None, f"the planner cannot cost this plan on '{cluster.name}': {error}"
-
-
-__all__ = ["COMPARED_KEYS", "predict", "try_predict"]

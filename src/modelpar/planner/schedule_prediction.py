@@ -150,6 +150,3 @@ def _fit_pipeline(actions: list[list[Action]], forward, backward, span_s: float
         edge -= excess / slope
         simulation = run(edge)
     return simulation, edge, 1.0
-
-
-__all__ = ["ActionTimes", "PredictedSchedule", "action_times", "predict_schedule"]

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from modelpar.caching import memo
 from modelpar.planner.cost import (
     BREAKDOWN_KEYS,
+    HIDDEN_KEYS,
+    INSIDE_COMPUTE_KEYS,
     StepEstimate,
     estimate,
     pipeline_profile,
@@ -341,9 +343,8 @@ def explain_losers(result: SearchResult) -> list[str]:
     lines = []
     for rank, other in enumerate(result.plans[1:], start=2):
         gap = other.step_time_s - best.step_time_s
-        # recompute and embedding/logits are already inside compute_s; overlapped time costs nothing
-        skipped = ("overlapped_comm_s", "recompute_s", "embedding_and_logits_s")
-        deltas = {key: other.breakdown[key] - best.breakdown[key] for key in BREAKDOWN_KEYS if key not in skipped}
+        deltas = {key: other.breakdown[key] - best.breakdown[key] for key in BREAKDOWN_KEYS
+                  if key not in INSIDE_COMPUTE_KEYS + HIDDEN_KEYS}
         key, delta = max(deltas.items(), key=lambda item: item[1])
         relative = gap / best.step_time_s
         if delta <= 0:

@@ -128,6 +128,3 @@ def step_under_sharing(stages: tuple, schedule: str, p: int, v: int, m: int, ran
 
     return simulate_shared(build_schedule(schedule, p, m, v), work, communication, p2p_s, ranks_per_pipeline_rank,
                            cores)
-
-
-__all__ = ["SharedStep", "simulate_shared", "step_under_sharing"]

@@ -324,9 +324,3 @@ def build_cluster(profiles: list[SharedHostProfile], host: dict, gpus: bool = Fa
         shared_host=tuple(profiles),
         host_cores=None if gpus else host["cores"],
     )
-
-
-__all__ = ["REFERENCE_LAYERS", "TENSOR_REFERENCE_LAYERS", "TINY_REFERENCE_LAYER", "build_cluster", "cpu_model_name",
-           "fit_bandwidth", "fit_gemm", "fit_layer_overheads",
-           "fit_layer_bandwidth", "fit_link", "fit_tensor_link", "host_facts", "reference_layer_spec",
-           "shared_host_profile"]

@@ -476,6 +476,3 @@ def _load_average() -> float | None:
         return os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
-
-
-__all__ = ["ProfileOptions", "profile_machine"]

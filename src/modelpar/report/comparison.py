@@ -140,7 +140,3 @@ def print_comparison(summary: dict, console) -> None:
     else:
         console.print(f"predicted on cluster '{prediction_info.get('cluster')}'; error = predicted / measured - 1; "
                       "bubble = step - compute - communication of the busiest rank")
-
-
-__all__ = ["collective_waits", "step_breakdown", "rank_step_breakdowns", "rank_summary", "measured_times",
-           "relative_errors", "print_comparison"]

@@ -7,28 +7,31 @@ The JSON shapes are the contracts of DESIGN.md: `plan` -> {"plans": [...], "reje
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from modelpar.planner.cost import BREAKDOWN_KEYS
+from modelpar.planner.cost import BREAKDOWN_KEYS, EXPOSED_COMM_KEYS, HIDDEN_KEYS, INSIDE_COMPUTE_KEYS
 from modelpar.planner.search import explain_losers
 
 GIB = 2**30
 MEMORY_KEYS = ("parameters", "gradients", "optimizer_states", "activations", "embedding_and_logits")
-EXPOSED_COMM_KEYS = ("tensor_parallel_comm_s", "pipeline_p2p_s", "data_parallel_comm_s")
-"""Communication on the critical path; `overlapped_comm_s` runs behind compute and costs no time."""
-INSIDE_COMPUTE_KEYS = ("recompute_s", "embedding_and_logits_s")
-"""Parts of `compute_s`, shown under it (adding them to the step would count them twice)."""
-HIDDEN_KEYS = ("overlapped_comm_s",)
-"""Seconds that overlap compute: shown, but not part of the step."""
 
 
-def _console():
-    # Piped output would otherwise wrap at 80 columns and fold every table cell.
+def print_json(document) -> None:
+    """One JSON document on stdout (dataclasses and objects with `to_dict` included)."""
+    json.dump(document, sys.stdout, indent=1, default=_as_dict)
+    sys.stdout.write("\n")
+
+
+def console() -> Console:
+    """A rich console at least 120 columns wide: piped output would otherwise wrap at 80 columns
+    and fold every table cell."""
     width = max(shutil.get_terminal_size((140, 24)).columns, 120)
     return Console(highlight=False, width=width)
 
@@ -88,7 +91,7 @@ def validation_json(report) -> dict:
 
 
 def print_search(result, model, cluster, num_devices: int, elapsed_s: float) -> None:
-    console = _console()
+    out = console()
     table = Table(
         title=f"{model.name} on {num_devices} x {cluster.device.name} ({cluster.name}): best plans",
         title_justify="left",
@@ -106,16 +109,16 @@ def print_search(result, model, cluster, num_devices: int, elapsed_s: float) -> 
             f"{e.mfu:.1%}", f"{e.memory.total / GIB:.1f}", f"{b.get('bubble_s', 0.0) / e.step_time_s:.1%}",
             f"{comm / e.step_time_s:.1%}",
         )
-    console.print(table)
+    out.print(table)
     if result.rejected:
         rejected = ", ".join(f"{reason}: {count}" for reason, count in sorted(result.rejected.items(), key=lambda kv: -kv[1]))
-        console.print(f"rejected {sum(result.rejected.values())} of {result.searched} plans — {rejected}")
+        out.print(f"rejected {sum(result.rejected.values())} of {result.searched} plans — {rejected}")
     losers = explain_losers(result)
     if losers:
-        console.print("why the others are slower than #1:")
+        out.print("why the others are slower than #1:")
     for line in losers:
-        console.print(f"  {line}")
-    console.print(f"searched in {result.seconds:.3f} s (command {elapsed_s:.3f} s)")
+        out.print(f"  {line}")
+    out.print(f"searched in {result.seconds:.3f} s (command {elapsed_s:.3f} s)")
 
 
 def no_plan_message(result, model, cluster, num_devices: int) -> str:
@@ -128,23 +131,23 @@ def no_plan_message(result, model, cluster, num_devices: int) -> str:
 
 
 def print_estimate(estimate, model, cluster, num_devices: int) -> None:
-    console = _console()
+    out = console()
     p = estimate.plan
-    console.print(
+    out.print(
         f"[bold]{model.name}[/bold] on {num_devices} x {cluster.device.name}: {p.describe()}"
     )
-    console.print(
+    out.print(
         f"predicted step {estimate.step_time_s:.3f} s, MFU {estimate.mfu:.1%}, HFU {estimate.hfu:.1%}, "
         f"{estimate.energy_per_token_j:.3g} J/token"
     )
-    console.print(_time_table(estimate))
+    out.print(_time_table(estimate))
     breakdown = estimate.breakdown
     if "bubble_fraction" in breakdown:
-        console.print(f"pipeline bubble: {breakdown['bubble_fraction']:.1%} of the schedule's time is idle")
+        out.print(f"pipeline bubble: {breakdown['bubble_fraction']:.1%} of the schedule's time is idle")
     if "num_micro_batches" in breakdown:
-        console.print(f"micro-batches per step: {breakdown['num_micro_batches']:,.0f} per pipeline")
+        out.print(f"micro-batches per step: {breakdown['num_micro_batches']:,.0f} per pipeline")
     if "tokens_per_step" in breakdown:
-        console.print(f"tokens per step: {breakdown['tokens_per_step']:,.0f}")
+        out.print(f"tokens per step: {breakdown['tokens_per_step']:,.0f}")
     mem = estimate.memory
     mem_table = Table(title="memory per device (worst stage)", title_justify="left")
     mem_table.add_column("component")
@@ -155,9 +158,9 @@ def print_estimate(estimate, model, cluster, num_devices: int) -> None:
     device_gib = cluster.device.memory_gib
     mem_table.add_row(f"usable capacity ({mem.capacity / cluster.device.memory_bytes:.0%} of {device_gib:g} GiB)",
                       f"{mem.capacity / GIB:.2f}")
-    console.print(mem_table)
+    out.print(mem_table)
     if not mem.fits:
-        console.print(f"[red]does not fit: {mem.shortfall / GIB:.2f} GiB over[/red]")
+        out.print(f"[red]does not fit: {mem.shortfall / GIB:.2f} GiB over[/red]")
 
 
 def _seconds_keys(breakdown: dict) -> list[str]:
@@ -192,7 +195,7 @@ def _time_table(estimate):
 
 
 def print_validation(report) -> None:
-    console = _console()
+    out = console()
     table = Table(title="published runs: predicted vs measured step time", title_justify="left")
     for column in ("run", "group", "devices", "measured (s)", "predicted (s)", "error", "pred. MFU", "filled in"):
         table.add_column(column, justify="left" if column in ("run", "group", "filled in") else "right")
@@ -205,7 +208,7 @@ def print_validation(report) -> None:
             f"{r['predicted_mfu']:.1%}" if r.get("predicted_mfu") is not None else "",
             ", ".join(f"{k}={v}" for k, v in chosen.items()),
         )
-    console.print(table)
+    out.print(table)
     summary = _as_dict(report.summary)
     groups = summary.get("groups") or summary.get("per_group") or {}
     if groups:
@@ -218,8 +221,8 @@ def print_validation(report) -> None:
                 name, str(g.get("count", "")), f"{g.get('median_abs_relative_error', 0.0):.1%}",
                 f"{g.get('max_abs_relative_error', 0.0):.1%}",
             )
-        console.print(group_table)
-    console.print(
+        out.print(group_table)
+    out.print(
         f"{summary['count']} runs: median |error| {summary['median_abs_relative_error']:.1%}, "
         f"max |error| {summary['max_abs_relative_error']:.1%}"
     )

@@ -273,8 +273,3 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     gives everything)."""
     checkpoint = read_checkpoint(path)
     return checkpoint.model, checkpoint.metadata
-
-
-__all__ = ["Checkpoint", "gather_checkpoint", "save_checkpoint", "read_checkpoint",
-           "load_checkpoint",
-           "gather_full_state_dict", "gather_full_gradients", "gather_parameter_tensors", "shard_parameter_tensors"]

@@ -125,6 +125,3 @@ def global_grad_norm(pieces: Iterable[tuple[int, torch.Tensor]], ranges: Sequenc
 def clip_factor(norm: float, max_norm: float) -> float:
     """The factor that clips a gradient of global norm `norm` to `max_norm` (1.0: no clipping)."""
     return min(1.0, max_norm / (norm + CLIP_EPSILON))
-
-
-__all__ = ["CLIP_EPSILON", "WeightedRange", "norm_ranges", "weighted_square_sum", "global_grad_norm", "clip_factor"]

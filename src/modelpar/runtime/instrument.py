@@ -213,6 +213,3 @@ def model_state_bytes(modules: nn.Module, optimizer, reducers=()) -> dict[str, i
     gradient_keys = {_storage_key(g) for g in grads}
     optimizer_states = _unique_bytes(_tensors_in(optimizer), parameter_keys | gradient_keys)
     return {"parameters": parameters, "gradients": gradients, "optimizer_states": optimizer_states}
-
-
-__all__ = ["timed_collectives", "ActivationTracker", "model_state_bytes"]

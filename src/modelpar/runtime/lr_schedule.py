@@ -93,6 +93,3 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-__all__ = ["DECAY_STYLES", "LearningRateSchedule"]

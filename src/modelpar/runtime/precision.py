@@ -124,6 +124,3 @@ def _accumulate_main_grad(param: torch.Tensor) -> None:
     else:
         main.add_(grad)
     param.grad = None
-
-
-__all__ = ["DTYPES", "PrecisionPolicy", "MainGradients", "MAIN_GRAD"]

@@ -123,7 +123,3 @@ def produces(action: Action, rank: int, num_stages: int, num_global_stages: int)
     if not 0 <= target < num_global_stages or target % num_stages == rank:
         return None
     return Message(_MESSAGE_KIND[action.kind], target, action.micro_batch, rank, target % num_stages)
-
-
-__all__ = ["ACTIVATION", "GRADIENT", "Key", "Message", "Need", "PipelineDeadlock", "chunk_needs", "key_of", "needs",
-           "produces", "receives", "stage_needs"]

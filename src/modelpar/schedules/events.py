@@ -81,8 +81,3 @@ def events_from_simulation(simulation) -> list[TimelineEvent]:
                                         timed.end, action.micro_batch, action.chunk,
                                         global_stage(timed.rank, action.chunk, len(timeline))))
     return events
-
-
-__all__ = ["TimelineEvent", "action_label", "events_from_simulation", "FORWARD_KIND", "BACKWARD_KIND",
-           "RECV_KIND", "SEND_KIND", "SEND_WAIT_KIND", "GRAD_SYNC_KIND", "ALLREDUCE_KIND", "OPTIMIZER_KIND",
-           "COLLECTIVE_KIND", "LAUNCH_KIND", "COMPUTE_KINDS"]

@@ -15,7 +15,7 @@ from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from modelpar.specs.cluster import CLUSTER_PRESETS, ClusterSpec, DeviceSpec
+from modelpar.specs.cluster import CLUSTER_PRESETS, ClusterSpec
 from modelpar.specs.errors import SpecError
 from modelpar.specs.local import local_profile_path
 from modelpar.specs.model import MODEL_PRESETS, ModelSpec
@@ -108,12 +108,19 @@ def _looks_like_file(name: str) -> bool:
     return name.endswith(".json") or os.sep in name or Path(name).is_file()
 
 
+def closest_names_hint(name: str, names) -> str:
+    """'; did you mean 'x'?' for the names `name` starts (all of them: 'dgx-a100' means both A100
+    presets), else the most similar one; '' when none is close."""
+    close = [key for key in names if key.startswith(name)] if name else []
+    close = close or difflib.get_close_matches(name, list(names), n=1, cutoff=0.4)
+    return f"; did you mean {' or '.join(repr(key) for key in close)}?" if close else ""
+
+
 def _preset(kind: str, name: str, presets: dict[str, T]) -> T:
     if name in presets:
         return presets[name]
-    close = difflib.get_close_matches(name, presets, n=1, cutoff=0.4)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise SpecError(f"unknown {kind} '{name}'{hint} (presets: {', '.join(presets)}; or give a JSON file)")
+    raise SpecError(f"unknown {kind} '{name}'{closest_names_hint(name, presets)} (presets: {', '.join(presets)}; "
+                    "or give a JSON file)")
 
 
 def load_model(name_or_path: str | dict) -> ModelSpec:
@@ -164,6 +171,3 @@ def load_local_cluster(path: str | os.PathLike | None = None) -> ClusterSpec:
         return from_dict(ClusterSpec, data, f"local profile {source}")
     except SpecError as error:
         raise SpecError(f"{error} (re-run `modelpar profile` to rebuild it)") from None
-
-
-__all__ = ["from_dict", "read_json", "load_model", "load_cluster", "load_plan", "load_local_cluster", "DeviceSpec"]

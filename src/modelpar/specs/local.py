@@ -53,6 +53,3 @@ def save_local_cluster(cluster: ClusterSpec, path: str | os.PathLike | None = No
         raise SpecError(f"cannot write the profile to {target}: {error.strerror or error}; "
                         f"set {CACHE_ENV} to a writable directory or pass --output") from None
     return target
-
-
-__all__ = ["CACHE_ENV", "cache_dir", "local_profile_path", "save_local_cluster", "cluster_to_json"]

@@ -62,7 +62,3 @@ def optimizer_summary(config: TrainConfig, start_step: int = 0) -> dict:
             "lr_decay_steps": config.lr_schedule.decay_end(start_step + config.steps),
             "min_learning_rate": config.min_learning_rate, "weight_decay": config.weight_decay,
             "decay_norms_and_biases": config.decay_norms_and_biases, "clip_grad": config.clip_grad}
-
-
-__all__ = ["TrainConfig", "optimizer_summary", "DEFAULT_STEPS", "DEFAULT_LEARNING_RATE", "DEFAULT_WEIGHT_DECAY",
-           "DEFAULT_CLIP_GRAD"]

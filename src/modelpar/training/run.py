@@ -236,6 +236,3 @@ def summarise(config: TrainConfig, rank_results: list[dict], peak_tflops: float,
         "compared_keys": list(COMPARED_KEYS), "measurement": details,
         "timeline": {str(r["rank"]): [e.to_dict() for e in r["last_step_timeline"]] for r in rank_results},
     }
-
-
-__all__ = ["run_training", "summarise", "peak_memory_bytes", "measure_matmul_tflops"]

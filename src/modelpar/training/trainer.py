@@ -265,6 +265,3 @@ class RankTrainer:
         memory accounting of `runtime.instrument.model_state_bytes`."""
         main = [p.main_grad for p in self.main_grads.params if p.main_grad is not None] if self.main_grads else []
         return [*(self.reducers or ()), main]
-
-
-__all__ = ["RankTrainer", "read_checkpoint_for", "validate_training"]
