@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import modelpar
-from modelpar.planner.validate import default_runs_path, format_table, run_inputs, summarise, validate_runs
+from modelpar.planner.validate import default_runs_path, run_inputs, summarise, validate_runs
+from modelpar.report.tables import format_validation as format_table
 from modelpar.specs.errors import SpecError
 from modelpar.specs.io import read_json
 

@@ -67,7 +67,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         tables.print_json(tables.validation_json(report))
     else:
-        tables.print_validation(report)
+        print(tables.format_validation(report))
     return 0
 
 

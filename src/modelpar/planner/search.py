@@ -1,19 +1,12 @@
 """Search the plans of a model on a cluster: enumerate, reject, cost, rank.
 
-Enumerated (only the fields a partial plan leaves None):
-
-- tensor_parallel t: divisors of the device count up to devices_per_node (tensor parallelism
-  across nodes only when the partial plan fixes it), t must divide the heads and the MLP width,
-  and t and the key/value groups must divide one another (`ParallelPlan.check`);
-- pipeline_parallel p: divisors of devices / t that divide the layers; data_parallel
-  d = devices / (t p);
-- micro_batch_size b: divisors of B / d (m = B / (b d) micro-batches per pipeline);
-- virtual_stages v: divisors of l / p; schedule: '1f1b' or 'gpipe' with v = 1, 'interleaved'
-  with v > 1 (which needs m % p == 0);
-- sequence_parallel (only with t > 1), recompute none / selective / full, zero_stage 0-3 (only
-  with d > 1).
-
-Each candidate is rejected with a short reason (counted in `SearchResult.rejected`) or costed.
+Enumerated (only the fields a partial plan leaves None): t among the divisors of the devices
+within a node (across nodes only when the partial plan fixes it), p among the divisors of N / t,
+d = N / (t p), b among the divisors of B / d, v among the divisors of L / p (interleaved; 1F1B and
+GPipe with v = 1), sequence parallelism with t > 1, every recompute mode, ZeRO 0-3 with d > 1.
+Each candidate breaking a rule of `specs.plan` is counted under that rule's reason
+(`SearchResult.rejected`), by calling the same rule functions as `ParallelPlan.check`; the rest
+are costed.
 Memory is checked before the step time (`_memory_total` decomposes `memory.memory_per_device`
 so that a candidate costs a few arithmetic operations; a unit test checks it equals the real
 thing). Step times come from `cost.step_time_parts`, whose pieces are cached on the plan fields

@@ -13,7 +13,6 @@ same cost model with the same constants (`planner/constants.py`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import statistics
@@ -101,35 +100,6 @@ def summarise(rows: list[ValidationRow]) -> dict[str, Any]:
     }
 
 
-def format_table(report: ValidationReport, runs: bool = True) -> str:
-    """Plain-text table: every run (optional), then the per-group and overall summary."""
-    lines = []
-    if runs:
-        lines.append(f"{'run':<48} {'pred s':>9} {'meas s':>9} {'err':>7} {'MFU':>6}  chosen")
-        for row in report.runs:
-            if row.error:
-                lines.append(f"{row.name:<48} {'-':>9} {row.measured_step_time_s:>9.3f}  failed: {row.error}")
-                continue
-            chosen = " ".join(f"{key}={value}" for key, value in row.chosen.items())
-            lines.append(
-                f"{row.name[:48]:<48} {row.predicted_step_time_s:>9.3f} {row.measured_step_time_s:>9.3f} "
-                f"{100 * row.relative_error:>+6.1f}% {row.predicted_mfu:>6.3f}  {chosen}"
-            )
-        lines.append("")
-    lines.append(f"{'group':<24} {'runs':>5} {'median |err|':>13} {'max |err|':>10}")
-    for group, stats in report.summary["per_group"].items():
-        lines.append(
-            f"{group:<24} {stats['count']:>5} {100 * stats['median_abs_relative_error']:>12.1f}% "
-            f"{100 * stats['max_abs_relative_error']:>9.1f}%"
-        )
-    summary = report.summary
-    lines.append(
-        f"{'all':<24} {summary['count']:>5} {100 * summary['median_abs_relative_error']:>12.1f}% "
-        f"{100 * summary['max_abs_relative_error']:>9.1f}%"
-    )
-    return "\n".join(lines)
-
-
 # --- one run -----------------------------------------------------------------------------------
 
 
@@ -202,13 +172,3 @@ def default_runs_path() -> Path:
     """The published runs shipped with the package: `modelpar/specs/validation/published_runs.json`
     (a copy of `shared/validation/published_runs.json`; format: that folder's README.md)."""
     return Path(__file__).resolve().parents[1] / "specs" / "validation" / "published_runs.json"
-
-
-def main() -> None:  # pragma: no cover - convenience for `python -m modelpar.planner.validate`
-    report = validate_runs(default_runs_path())
-    print(format_table(report))
-    print(json.dumps({k: v for k, v in report.summary.items() if k != "per_group"}))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -194,35 +194,30 @@ def _time_table(estimate):
     return table
 
 
-def print_validation(report) -> None:
-    out = console()
-    table = Table(title="published runs: predicted vs measured step time", title_justify="left")
-    for column in ("run", "group", "devices", "measured (s)", "predicted (s)", "error", "pred. MFU", "filled in"):
-        table.add_column(column, justify="left" if column in ("run", "group", "filled in") else "right")
-    for row in report.runs:
-        r = _as_dict(row)
-        chosen = r.get("chosen") or {}
-        table.add_row(
-            r["name"], r.get("group", ""), str(r.get("num_devices", "")), f"{r['measured_step_time_s']:.3f}",
-            f"{r['predicted_step_time_s']:.3f}", f"{r['relative_error']:+.1%}",
-            f"{r['predicted_mfu']:.1%}" if r.get("predicted_mfu") is not None else "",
-            ", ".join(f"{k}={v}" for k, v in chosen.items()),
-        )
-    out.print(table)
-    summary = _as_dict(report.summary)
-    groups = summary.get("groups") or summary.get("per_group") or {}
-    if groups:
-        group_table = Table(title="by source", title_justify="left")
-        for column in ("group", "runs", "median |error|", "max |error|"):
-            group_table.add_column(column, justify="left" if column == "group" else "right")
-        for name, g in groups.items():
-            g = _as_dict(g)
-            group_table.add_row(
-                name, str(g.get("count", "")), f"{g.get('median_abs_relative_error', 0.0):.1%}",
-                f"{g.get('max_abs_relative_error', 0.0):.1%}",
+def format_validation(report, runs: bool = True) -> str:
+    """Plain-text table: every run (optional), then the per-group and overall summary."""
+    lines = []
+    if runs:
+        lines.append(f"{'run':<48} {'pred s':>9} {'meas s':>9} {'err':>7} {'MFU':>6}  chosen")
+        for row in report.runs:
+            if row.error:
+                lines.append(f"{row.name:<48} {'-':>9} {row.measured_step_time_s:>9.3f}  failed: {row.error}")
+                continue
+            chosen = " ".join(f"{key}={value}" for key, value in row.chosen.items())
+            lines.append(
+                f"{row.name[:48]:<48} {row.predicted_step_time_s:>9.3f} {row.measured_step_time_s:>9.3f} "
+                f"{100 * row.relative_error:>+6.1f}% {row.predicted_mfu:>6.3f}  {chosen}"
             )
-        out.print(group_table)
-    out.print(
-        f"{summary['count']} runs: median |error| {summary['median_abs_relative_error']:.1%}, "
-        f"max |error| {summary['max_abs_relative_error']:.1%}"
+        lines.append("")
+    lines.append(f"{'group':<24} {'runs':>5} {'median |err|':>13} {'max |err|':>10}")
+    for group, stats in report.summary["per_group"].items():
+        lines.append(
+            f"{group:<24} {stats['count']:>5} {100 * stats['median_abs_relative_error']:>12.1f}% "
+            f"{100 * stats['max_abs_relative_error']:>9.1f}%"
+        )
+    summary = report.summary
+    lines.append(
+        f"{'all':<24} {summary['count']:>5} {100 * summary['median_abs_relative_error']:>12.1f}% "
+        f"{100 * summary['max_abs_relative_error']:>9.1f}%"
     )
+    return "\n".join(lines)

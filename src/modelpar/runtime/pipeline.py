@@ -5,15 +5,10 @@ cut into p * v global stages of L / (p v) consecutive layers; pipeline rank r ho
 whose global stage is c * p + r (`schedules.actions.global_stage`). The embedding belongs to
 global stage 0 and the head (final norm, logits, loss) to global stage p v - 1.
 
-The interpreter runs one rank's list of `schedules.actions.Action` in order, with the
-dependencies of `schedules.dependencies` (what it receives, what it sends):
-
-- F(c, i): global stage g = c p + r. Input: the micro-batch's tokens (g = 0) or the activation
-  received from the rank holding stage g - 1. Output: sent to the rank holding g + 1, or, on the
-  last stage, the micro-batch's loss divided by m, so that the accumulated gradient over the m
-  micro-batches is the gradient of the mean loss of the whole batch.
-- B(c, i): the output gradient is received from the rank holding g + 1 (or is d(loss)/d(loss)
-  on the last stage); backward through the chunk; the input gradient is sent to g - 1.
+The interpreter runs one rank's row of the schedule (`schedules.actions.Action`s) in order,
+receiving and sending what `schedules.dependencies` says. The first stage's forward reads the
+micro-batch's tokens; the last stage's returns the micro-batch's loss divided by m, so that the
+accumulated gradient over the m micro-batches is the gradient of the mean loss of the batch.
 
 Point-to-point, two modes (`p2p`; `modelpar train --p2p`):
 
