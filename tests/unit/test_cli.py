@@ -161,3 +161,16 @@ def test_plan_exposed_comm_counts_only_exposed_communication_and_explains_losers
         exposed = b["tensor_parallel_comm_s"] + b["pipeline_p2p_s"] + b["data_parallel_comm_s"]
         assert row[13].strip() == f"{exposed / best['predicted_step_time_s']:.1%}"
 
+
+
+def test_estimate_precision_recipe(capsys):
+    """--precision megatron-bf16 keeps fp32 main gradients: twice the 16-bit gradient bytes."""
+    argv = ["estimate", "--model", "llama2-7b", "--cluster", "dgx-a100-80gb", "--devices", "8", "--tensor-parallel",
+            "2", "--pipeline-parallel", "4", "--micro-batch-size", "1", "--json"]
+    memory = {}
+    for precision in ("mixed", "megatron-bf16"):
+        code, out, err = run(capsys, *argv, "--precision", precision)
+        assert code == 0, err
+        memory[precision] = json.loads(out)["memory"]
+    assert memory["megatron-bf16"]["gradients"] == pytest.approx(2 * memory["mixed"]["gradients"])
+    assert memory["megatron-bf16"]["parameters"] == memory["mixed"]["parameters"]

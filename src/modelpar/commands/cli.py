@@ -17,6 +17,7 @@ from typing import Sequence
 from modelpar import __version__
 from modelpar.commands import flags, presets, profile, simulate, train
 from modelpar.planner.cost import check_fits, estimate
+from modelpar.planner.memory import PRECISIONS
 from modelpar.planner.search import search
 from modelpar.planner.validate import default_runs_path, validate_runs
 from modelpar.report import tables
@@ -51,7 +52,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     model, cluster = flags.load_model_and_cluster(args, args.devices)
     plan = complete_plan(flags.plan_from_args(args, load_plan(args.plan) if args.plan else None), args.devices)
     plan.check(model, args.devices)
-    result = estimate(model, cluster, args.devices, plan)
+    result = estimate(model, cluster, args.devices, plan, PRECISIONS[args.precision])
     if args.json:
         tables.print_json(tables.estimate_json(result))
     else:
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add_model_and_cluster_arguments(est)
     est.add_argument("--plan", help="plan JSON file (a `modelpar plan --json` document works too)")
     flags.add_plan_arguments(est, searched=False)
+    est.add_argument("--precision", choices=PRECISIONS, default="mixed",
+                     help="bytes per parameter and activation: mixed (16-bit weights and gradients, fp32 Adam: 16 B, "
+                          "the papers' figure; default), megatron-bf16 (fp32 main gradients: 18 B, what `modelpar "
+                          "train --dtype bf16` runs), fp32 (16 B, fp32 activations)")
     est.add_argument("--allow-oom", action="store_true", help="report a plan that does not fit without failing")
     est.set_defaults(func=cmd_estimate)
 

@@ -63,6 +63,8 @@ MEGATRON_BF16 = Precision(weight_bytes=2, gradient_bytes=4, optimizer_bytes=12, 
 """Megatron-LM bf16 with fp32 main gradients: 18 bytes/parameter."""
 FULL_FP32 = Precision(weight_bytes=4, gradient_bytes=4, optimizer_bytes=8, activation_bytes=4)
 """fp32 weights, gradients and Adam m, v (no master copy): 16 bytes/parameter, fp32 activations."""
+PRECISIONS = {"mixed": MIXED_PRECISION, "megatron-bf16": MEGATRON_BF16, "fp32": FULL_FP32}
+"""The recipes by name (`modelpar estimate --precision`)."""
 RUNTIME_PRECISION = {"fp32": FULL_FP32, "bf16": MEGATRON_BF16}
 """The recipe `modelpar train --dtype` runs (`runtime.precision`: bf16 keeps fp32 main gradients)."""
 
