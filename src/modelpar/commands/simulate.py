@@ -1,5 +1,5 @@
 """`modelpar simulate`: the predicted timeline of one plan's pipeline step, drawn without running
-it: the planner's `schedule_prediction.predict_schedule` (its docstring says how the timeline
+it: the planner's `prediction.predict_schedule` (its docstring says how the timeline
 shows the estimate's numbers), as a Gantt chart, a Chrome trace and a memory picture.
 """
 
@@ -13,7 +13,7 @@ from modelpar.commands import flags
 from modelpar.planner.cost import usable_memory_bytes
 from modelpar.planner.memory import memory_per_device
 from modelpar.report import memory_plot
-from modelpar.planner.schedule_prediction import PredictedSchedule, predict_schedule
+from modelpar.planner.prediction import PredictedSchedule, predict_schedule
 from modelpar.report.timeline import format_duration, gantt_png, write_chrome_trace
 from modelpar.specs import load_plan
 from modelpar.specs.plan import COMPLETION_DEFAULTS, complete_plan

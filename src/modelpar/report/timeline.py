@@ -1,7 +1,7 @@
 """Pipeline timelines as pictures and traces: Gantt charts (PNG) and Chrome traces (JSON).
 
 Both the predicted timeline (`schedules.simulate.simulate` of the schedule's action lists, see
-`events_from_simulation` and `planner.schedule_prediction`) and the measured one (the runtime's
+`events_from_simulation` and `planner.prediction.predict_schedule`) and the measured one (the runtime's
 per-rank spans, see `events_from_runtime`) are lists of `schedules.events.TimelineEvent`, so the
 same drawing serves both and the two can be put side by side (`side_by_side_png`).
 

@@ -1,5 +1,5 @@
 """The one record of a timed interval on a rank (`TimelineEvent`): what the runtime's `Timeline`
-records, what the planner's predicted step is made of (`planner.schedule_prediction`), what a
+records, what the planner's predicted step is made of (`planner.prediction.predict_schedule`), what a
 `modelpar train` summary stores (`to_dict`) and what the comparison (`report.comparison`) and the
 drawings (`report.timeline`) read; with its kinds. Pure Python, like the rest of `schedules`.
 
