@@ -1,79 +1,39 @@
 """`modelpar profile`: measure this machine as a cluster spec, so the planner can predict it.
 
-This module measures (inside spawned ranks); the fits and the assembled ClusterSpec are in
-`modelpar.profiling.fits` (pure, tested without processes).
+This module measures (inside spawned ranks); the fits that turn the timings into a device and
+links, and the assembled ClusterSpec, are `modelpar.profiling.fits` (pure, tested without
+processes; each fit's docstring gives its formula). The README's profile table lists the fields.
 
-The cost model (`planner.compute`, `planner.comm`) was built for GPUs running fused kernels and
-its global constants were fitted on them. A CPU running this project's eager PyTorch runtime over
-gloo is another device: each eager op costs microseconds, small GEMMs run far from peak,
-dropout is a keyed hash over every element, and gloo collectives take milliseconds. So rather
-than reuse the GPU constants, this command measures them as properties of the device and stores
-them in the ClusterSpec (`DeviceSpec` / `ClusterSpec` optional fields); the cost model uses a
-measured value whenever the spec carries one.
+Why: the cost model's global constants were fitted on GPUs running fused kernels. A CPU running
+this project's eager PyTorch over gloo is another device (microseconds per eager op, small GEMMs
+far from peak, keyed dropout over every element, millisecond collectives), so its rates are
+measured as properties of the device, and the cost model uses a measured value whenever the
+spec carries one.
 
-Ranks share the host. `modelpar train` spawns one process per rank on this machine, each with
-`torch.set_num_threads(cores // ranks)` (at least 1; `runtime.launch`). With more ranks than
-cores they time-share the cores. So the profile measures, for each k in `--ranks` (default 1, 2,
-4, 8), what ONE rank achieves while k ranks run the same benchmark at once, spawned exactly as
-the runtime spawns them (same launcher, same thread count). Each k gives a `SharedHostProfile`
-(a device and a link). A plan of N ranks takes the link of the smallest profiled k >= N; its
-device is that profile's while N <= cores, and with more ranks than cores the device of one rank
-per core, the cost model then sharing the cores among the ranks that compute at each moment
-(processor sharing, `planner.shared_host`: in a pipeline's fill and drain few ranks compute, and
-they run at full speed). The k > cores devices stay in the file as a check: their rates are
-about cores / k of the unshared ones, what processor sharing assumes.
+Ranks share the host: `modelpar train` spawns one process per rank, each with
+`torch.set_num_threads(cores // ranks)` (`runtime.launch`). For each k in `--ranks` (default 1,
+2, 4, 8) the profile measures what ONE rank achieves while k ranks run the same benchmark at
+once, spawned exactly as the runtime spawns them: a `SharedHostProfile` (a device and a link) per
+k. A plan of N ranks takes the link of the smallest profiled k >= N; its device is that
+profile's while N <= cores, else the device of one rank per core, the cost model then sharing
+the cores among the ranks that compute at each moment (`planner.shared_host`).
 
-Measured per k (median over ranks of the median of several timed windows; a window runs an
-operation repeatedly for a fixed time, so time slices of an oversubscribed host average out):
+Measured per k (median over ranks of the median of timed windows, so that the time slices of an
+oversubscribed host average out): GEMMs as training runs them, forward and backward
+(`fits.fit_gemm`: peak rate and operand bandwidth); the runtime's own TransformerLayer on
+reference shapes, each inside a stack of REFERENCE_STACK distinct layers (`fits.fit_layer_bandwidth`:
+the effective rate of the memory-bound kernels; with --fast, a block of norm / GELU / softmax
+instead); a chain of tiny ops (per-op overhead) and a tiny layer (`fits.fit_layer_overheads`);
+the reference layers with dropout (the keyed dropout's cost per element; with --fast, the
+dropouts alone); the runtime's AdamW step; gloo all-reduce and all-gather among the k ranks,
+timed on the last rank to arrive (`fits.fit_link`), and a point-to-point send (raw data only);
+for k > 1 the runtime's tensor-parallel layers split over the k ranks (`fits.fit_tensor_link`:
+inside a layer the collectives' threads compete with every rank's GEMMs for the cores). Not
+measured: power and memory capacity (nominal figures shared by the ranks).
 
-- GEMMs as training runs them (in `--dtype`, fp32 by default): linear layers of
-  transformer-like shapes and attention-like batched products, forward and backward (three
-  products each, two with a transposed operand), fitted by non-negative least squares on
-  relative error to the cost model's form summed over the three products,
-  t = sum 2 m n k / R + sum B (m k + k n + m n) / W_op + 3 c  (B bytes per value)
-  -> `peak_tflops` = R (so `matmul_efficiency` = 1) and `matmul_operand_bandwidth_gb_per_s` = W_op;
-- memory-bound kernels: on a CPU these are bound by their arithmetic (erf, exp, reductions,
-  eager dispatch), not by DRAM, so a streaming copy would overstate them several-fold. First
-  estimate: a block of layer norm, GELU and softmax (forward and backward) over a few sizes,
-  fitted to (values the cost model counts for it x bytes) / W + c. Then the calibration that is
-  used: the runtime's own TransformerLayer, forward and backward, for a few reference shapes
-  (`REFERENCE_LAYERS`: not the models one trains; each timed inside a stack of REFERENCE_STACK
-  distinct layers, so its weights come from memory as in a model), and W chosen so that `compute.layer_compute`
-  with the measured GEMM rates and per-op overhead reproduces them (`fit_layer_bandwidth`; not
-  with --fast, which keeps the block's figure) ->
-  `memory_bandwidth_gb_per_s` = W, the effective rate of the memory-bound kernels of the cost
-  model's accounting (`memory_bandwidth_efficiency` = 1), as MEMORY_BANDWIDTH_EFFICIENCY is for
-  GPUs;
-- per-op overhead: a chain of tiny ops with autograd, forward and backward -> `kernel_overhead_us`;
-- the runtime's keyed dropout (`models.gpt.keyed_dropout`): the reference layers run again with
-  dropout 0.1; the extra time over the values dropped (probabilities and two residual branches)
-  -> `dropout_ns_per_element` (with --fast: the dropouts of a layer timed alone, one rank at a
-  time while the others multiply matrices; alone they cost about a third more than inside a
-  layer, kept in the raw data as `dropout_benchmark_ns_per_element`);
-- the runtime's AdamW step (`runtime.zero.AdamW`) -> `optimizer_ns_per_parameter`;
-- collectives among the k ranks (gloo), timed on the rank that arrives last (`_time_collective`):
-  all-reduce and all-gather of several sizes, fitted
-  jointly to the alpha-beta ring formulas of `planner.comm` (all-reduce 2 (k-1)/k S/W +
-  2 (k-1) a, all-gather (k-1)/k S/W + (k-1) a) -> link bandwidth W and latency a, used for
-  every group and for pipeline sends. (A point-to-point send is timed too and reported in the
-  raw data: with k > cores, a lone pair of ranks is faster than a ring step among k busy ranks.)
-
-- collectives inside tensor-parallel layers (k > 1): the runtime's own tensor-parallel layers
-  (`TENSOR_REFERENCE_LAYERS`, split over the k ranks, inside a stack) and the per-message
-  latency that makes the cost model reproduce them on top of its compute, with the isolated
-  collectives' bandwidth (`fit_tensor_link`) ->
-  `tensor_bandwidth_gb_per_s`, `tensor_latency_us`, used for tensor-parallel collectives. An
-  isolated collective (above) finds the other ranks waiting; inside a layer its threads
-  compete with the GEMMs of every rank for the same cores.
-
-Not measured: power (a nominal CPU package power shared by the ranks) and memory capacity
-(the host's RAM shared by the ranks). The result is written as plain ClusterSpec JSON to the
-cache (`specs.local`) and read back by `--cluster local`.
-
-GPUs: when the machine has a GPU for each of the largest rank count asked for (`--ranks 1` on a
-one-GPU machine), the same measurements run on the GPUs over NCCL (`runtime.launch.choose_backend`,
-CUDA-synchronised windows, GPU-sized shapes: `GPU_*` tables), the device memory is the GPU's and the ranks share no cores.
-`--dtype bf16` measures 16-bit kernels and traffic, as `modelpar train --dtype bf16` runs.
+GPUs: with a GPU for each rank of the largest k (`--ranks 1` on a one-GPU machine) the same
+measurements run on the GPUs over NCCL with CUDA-synchronised windows and GPU-sized shapes
+(`GPU_*`); `--dtype bf16` measures 16-bit kernels and traffic, as `modelpar train --dtype bf16` runs.
 """
 
 from __future__ import annotations

@@ -133,21 +133,16 @@ def no_plan_message(result, model, cluster, num_devices: int) -> str:
 def print_estimate(estimate, model, cluster, num_devices: int) -> None:
     out = console()
     p = estimate.plan
-    out.print(
-        f"[bold]{model.name}[/bold] on {num_devices} x {cluster.device.name}: {p.describe()}"
-    )
+    out.print(f"[bold]{model.name}[/bold] on {num_devices} x {cluster.device.name}: {p.describe()}")
     out.print(
         f"predicted step {estimate.step_time_s:.3f} s, MFU {estimate.mfu:.1%}, HFU {estimate.hfu:.1%}, "
         f"{estimate.energy_per_token_j:.3g} J/token"
     )
     out.print(_time_table(estimate))
     breakdown = estimate.breakdown
-    if "bubble_fraction" in breakdown:
-        out.print(f"pipeline bubble: {breakdown['bubble_fraction']:.1%} of the schedule's time is idle")
-    if "num_micro_batches" in breakdown:
-        out.print(f"micro-batches per step: {breakdown['num_micro_batches']:,.0f} per pipeline")
-    if "tokens_per_step" in breakdown:
-        out.print(f"tokens per step: {breakdown['tokens_per_step']:,.0f}")
+    out.print(f"pipeline bubble: {breakdown['bubble_fraction']:.1%} of the schedule's time is idle")
+    out.print(f"micro-batches per step: {breakdown['num_micro_batches']:,.0f} per pipeline")
+    out.print(f"tokens per step: {breakdown['tokens_per_step']:,.0f}")
     mem = estimate.memory
     mem_table = Table(title="memory per device (worst stage)", title_justify="left")
     mem_table.add_column("component")

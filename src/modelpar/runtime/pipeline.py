@@ -18,15 +18,11 @@ Point-to-point, two modes (`p2p`; `modelpar train --p2p`):
   ever blocks on data it needs now. Messages carry a tag naming (direction, stage, micro-batch)
   and gloo matches on it, so the order in which two ranks post them does not matter. NCCL ignores
   tags and serialises a pair's operations on one stream, so this mode is refused there.
-- "batched" (NCCL's default; selectable on gloo to test it): the Megatron-LM /
-  torch.distributed.pipelining scheme of `schedules.p2p`: the whole schedule (every rank's list,
-  a pure function of the plan, so no collective) is cut into lockstep rounds, and after each
-  round a rank issues ONE `batch_isend_irecv` with the message its action produced and the
-  messages its neighbours produced for it, then waits for it. All messages use tag 0: a pair's
-  messages match by order alone, which `p2p.check_exchange_programs` verifies at construction
-  (correct by construction; a broken list raises PipelineDeadlock here instead of hanging a
-  GPU). gloo's sends are rendezvous too, so running this mode on gloo exercises the same
-  matching and deadlock-freedom.
+- "batched" (NCCL's default; selectable on gloo to test it): the exchange programs of
+  `schedules.p2p` (Megatron-LM's and torch.distributed.pipelining's scheme, built from the whole
+  schedule with no collective and checked when the executor is built): after each lockstep
+  round ONE `batch_isend_irecv` with tag 0, waited for at once. gloo's sends are rendezvous too,
+  so running this mode on gloo exercises the same matching and deadlock-freedom.
 
 Once sent, a stage output's values are freed (`deallocate_output_data`, Megatron-LM's
 ``deallocate_output_tensor``): only its autograd node is needed until the backward pass, so a
