@@ -33,17 +33,11 @@ chunks per pipeline rank) is modelled as
   the receiving stage all-gathers over NVLink; with sequence parallelism the activation is already
   split and nothing is gathered).
 - data parallelism (first pipeline rank: it holds the embedding and finishes its backward
-  last, so its reduction is the one left when the step ends): ZeRO-0 all-reduces the 16-bit
-  gradients over the d replicas; ZeRO-1/2 reduce-scatter them and all-gather the updated 16-bit
-  weights (the same ring volume); ZeRO-3 also gathers each layer's weights before every forward,
-  backward and recomputation of every micro-batch and reduce-scatters its gradients per
-  micro-batch (Rajbhandari et al. 2020). What overlaps (`data_parallel_exposure`): the gradient
-  reduction runs bucket by bucket during the backward of the last micro-batch (PyTorch DDP,
-  DeepSpeed `overlap_comm`, Megatron-LM `--overlap-grad-reduce`) and ZeRO-1/2's weight gather
-  during the next step's first forward (`--overlap-param-gather`); what does not fit in that
-  window, and the bucket of the last layer to finish, is exposed. ZeRO-3's per-micro-batch
-  traffic is hidden behind that micro-batch's compute except for its excess and one layer's
-  worth. Tensor-parallel and pipeline communication are never overlapped (above).
+  last): ZeRO-0 all-reduces the gradients over the d replicas, ZeRO-1/2 reduce-scatter them and
+  all-gather the updated weights, ZeRO-3 also gathers each layer's weights in every pass of every
+  micro-batch (Rajbhandari et al. 2020; `data_parallel_work`); what the bucketed overlap of
+  PyTorch DDP / DeepSpeed / Megatron-LM leaves exposed is `data_parallel_exposure`.
+  Tensor-parallel and pipeline communication are never overlapped (above).
 - optimizer: Adam over the local (ZeRO-sharded) parameters, memory-bound.
 
 MFU counts model FLOPs (no recomputation), HFU hardware FLOPs, both from `planner.flops`.
@@ -372,7 +366,7 @@ def data_parallel_work(
 def data_parallel_exposure(
     reduce_s: float, gather_s: float, zero_stage: int, work: RankWork, m: int, layers: int, recompute: str
 ) -> tuple[float, float]:
-    """(exposed, overlapped) data-parallel seconds of the first pipeline rank (module docstring).
+    """(exposed, overlapped) data-parallel seconds of the first pipeline rank.
 
     Bucketed overlap (PyTorch DDP, DeepSpeed `overlap_comm`, Megatron-LM `--overlap-grad-reduce`
     / `--overlap-param-gather`): the gradient reduction runs during the backward of the last

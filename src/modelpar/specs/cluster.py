@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from modelpar.specs.errors import SpecError
+from modelpar.specs.fields import check_fields
 
 
 @dataclass(frozen=True)
@@ -36,56 +37,39 @@ class DeviceSpec:
                                        "(None: MEMORY_BANDWIDTH_EFFICIENCY)."}
     )
     kernel_overhead_us: float | None = field(
-        default=None, metadata={"doc": "Fixed cost of each kernel / eager op, us (None: KERNEL_OVERHEAD_S)."}
+        default=None, metadata={"bound": "non_negative", "doc": "Fixed cost of each kernel / eager op, us (None: KERNEL_OVERHEAD_S)."}
     )
     attention_kernel: str | None = field(
         default=None,
-        metadata={"doc": "'fused' (FlashAttention, the default) or 'explicit' (scores and probabilities "
+        metadata={"choices": ("fused", "explicit"), "doc": "'fused' (FlashAttention, the default) or 'explicit' (scores and probabilities "
                          "written to memory, as the eager CPU runtime does)."},
     )
     dropout_ns_per_element: float | None = field(
-        default=None, metadata={"doc": "Time to draw and apply a dropout mask and back-propagate through it, "
+        default=None, metadata={"bound": "non_negative", "doc": "Time to draw and apply a dropout mask and back-propagate through it, "
                                        "ns per element (None: a 1-byte mask fused into its kernel)."}
     )
     optimizer_ns_per_parameter: float | None = field(
-        default=None, metadata={"doc": "Time of one AdamW step, ns per local parameter (None: "
+        default=None, metadata={"bound": "non_negative", "doc": "Time of one AdamW step, ns per local parameter (None: "
                                        "ADAM_BYTES_PER_PARAMETER at memory bandwidth)."}
     )
     layer_forward_overhead_us: float | None = field(
-        default=None, metadata={"doc": "Fixed seconds (us) of one layer's forward beyond its kernels: module "
+        default=None, metadata={"bound": "non_negative", "doc": "Fixed seconds (us) of one layer's forward beyond its kernels: module "
                                        "calls and Python-level autograd functions of an eager runtime (measured)."}
     )
     layer_backward_overhead_us: float | None = field(
-        default=None, metadata={"doc": "The same for one layer's backward (us)."}
+        default=None, metadata={"bound": "non_negative", "doc": "The same for one layer's backward (us)."}
     )
     dropout_call_overhead_us: float | None = field(
-        default=None, metadata={"doc": "Fixed us per layer of drawing its dropout masks, beyond the per-element "
+        default=None, metadata={"bound": "non_negative", "doc": "Fixed us per layer of drawing its dropout masks, beyond the per-element "
                                        "cost (the keyed masks' index arithmetic and generator calls)."}
     )
     value_bytes: int | None = field(
-        default=None, metadata={"doc": "Bytes per activation/weight/gradient value of the precision this "
+        default=None, metadata={"choices": (2, 4), "doc": "Bytes per activation/weight/gradient value of the precision this "
                                        "device trains in (None: 2, 16-bit mixed precision; 4: fp32)."}
     )
 
     def __post_init__(self) -> None:
-        for key in ("peak_tflops", "memory_gib", "memory_bandwidth_gb_per_s", "power_watts"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise SpecError(f"device '{self.name}': {key} must be a positive number, got {value!r}")
-        for key in ("matmul_efficiency", "matmul_operand_bandwidth_gb_per_s", "memory_bandwidth_efficiency",
-                    "kernel_overhead_us", "dropout_ns_per_element", "optimizer_ns_per_parameter",
-                    "layer_forward_overhead_us", "layer_backward_overhead_us", "dropout_call_overhead_us"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-                raise SpecError(f"device '{self.name}': {key} must be a non-negative number or null, got {value!r}")
-        for key in ("matmul_efficiency", "memory_bandwidth_efficiency", "matmul_operand_bandwidth_gb_per_s"):
-            if getattr(self, key) == 0:
-                raise SpecError(f"device '{self.name}': {key} must be positive, got 0")
-        if self.attention_kernel not in (None, "fused", "explicit"):
-            raise SpecError(f"device '{self.name}': attention_kernel must be 'fused' or 'explicit', "
-                            f"got {self.attention_kernel!r}")
-        if self.value_bytes not in (None, 2, 4):
-            raise SpecError(f"device '{self.name}': value_bytes must be 2 or 4, got {self.value_bytes!r}")
+        check_fields(self, f"device '{self.name}'")
 
     @property
     def memory_bytes(self) -> int:
@@ -101,33 +85,19 @@ class SharedHostProfile:
     ranks: int = field(metadata={"doc": "Ranks running at once on the host."})
     device: DeviceSpec = field(metadata={"doc": "One rank's device while `ranks` ranks run."})
     bandwidth_gb_per_s: float = field(metadata={"doc": "Per-rank collective bandwidth, GB/s (measured)."})
-    latency_us: float = field(metadata={"doc": "Per-message (per ring step) latency, us (measured)."})
+    latency_us: float = field(metadata={"doc": "Per-message (per ring step) latency, us (measured).",
+                                        "bound": "non_negative"})
     tensor_bandwidth_gb_per_s: float | None = field(default=None, metadata={
         "doc": "Collective bandwidth inside tensor-parallel layers, GB/s: fitted so that the cost model "
                "reproduces the runtime's own tensor-parallel layers (`modelpar profile`); None: the link above."})
     tensor_latency_us: float | None = field(default=None, metadata={
-        "doc": "Per-message latency of the same fit, us."})
+        "doc": "Per-message latency of the same fit, us.", "bound": "non_negative"})
 
     def __post_init__(self) -> None:
         if (self.tensor_bandwidth_gb_per_s is None) != (self.tensor_latency_us is None):
             raise SpecError(f"shared_host ranks={self.ranks}: give both tensor_bandwidth_gb_per_s and "
                             f"tensor_latency_us, or neither")
-        if self.tensor_bandwidth_gb_per_s is not None and (
-                isinstance(self.tensor_bandwidth_gb_per_s, bool)
-                or not isinstance(self.tensor_bandwidth_gb_per_s, (int, float)) or self.tensor_bandwidth_gb_per_s <= 0
-                or isinstance(self.tensor_latency_us, bool) or not isinstance(self.tensor_latency_us, (int, float))
-                or self.tensor_latency_us < 0):
-            raise SpecError(f"shared_host ranks={self.ranks}: tensor_bandwidth_gb_per_s must be positive and "
-                            f"tensor_latency_us non-negative, got {self.tensor_bandwidth_gb_per_s!r}, "
-                            f"{self.tensor_latency_us!r}")
-        if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks <= 0:
-            raise SpecError(f"shared_host: ranks must be a positive integer, got {self.ranks!r}")
-        if isinstance(self.bandwidth_gb_per_s, bool) or not isinstance(self.bandwidth_gb_per_s, (int, float)) \
-                or self.bandwidth_gb_per_s <= 0:
-            raise SpecError(f"shared_host ranks={self.ranks}: bandwidth_gb_per_s must be positive, "
-                            f"got {self.bandwidth_gb_per_s!r}")
-        if isinstance(self.latency_us, bool) or not isinstance(self.latency_us, (int, float)) or self.latency_us < 0:
-            raise SpecError(f"shared_host ranks={self.ranks}: latency_us must be non-negative, got {self.latency_us!r}")
+        check_fields(self, f"shared_host ranks={self.ranks}")
 
 
 def scale_rates(device: DeviceSpec, factor: float) -> DeviceSpec:
@@ -163,8 +133,10 @@ class ClusterSpec:
     inter_node_bandwidth_gb_per_s: float = field(
         metadata={"doc": "Per-node, one-direction bandwidth between nodes (sum of NICs), GB/s."}
     )
-    intra_node_latency_us: float = field(default=5.0, metadata={"doc": "Per-message latency inside a node, us."})
-    inter_node_latency_us: float = field(default=10.0, metadata={"doc": "Per-message latency between nodes, us."})
+    intra_node_latency_us: float = field(default=5.0, metadata={"doc": "Per-message latency inside a node, us.",
+                                                                "bound": "non_negative"})
+    inter_node_latency_us: float = field(default=10.0, metadata={"doc": "Per-message latency between nodes, us.",
+                                                                 "bound": "non_negative"})
     num_devices: int | None = field(
         default=None, metadata={"doc": "Devices available; None means as many as asked for."}
     )
@@ -189,31 +161,10 @@ class ClusterSpec:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.devices_per_node, bool) or not isinstance(self.devices_per_node, int) or self.devices_per_node <= 0:
-            raise SpecError(f"cluster '{self.name}': devices_per_node must be a positive integer, got {self.devices_per_node!r}")
-        for key in ("intra_node_bandwidth_gb_per_s", "inter_node_bandwidth_gb_per_s"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise SpecError(f"cluster '{self.name}': {key} must be a positive number, got {value!r}")
-        for key in ("intra_node_latency_us", "inter_node_latency_us"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise SpecError(f"cluster '{self.name}': {key} must be a non-negative number, got {value!r}")
-        if self.num_devices is not None and (not isinstance(self.num_devices, int) or self.num_devices <= 0):
-            raise SpecError(f"cluster '{self.name}': num_devices must be a positive integer, got {self.num_devices!r}")
-        if self.network_efficiency is not None and (
-            isinstance(self.network_efficiency, bool) or not isinstance(self.network_efficiency, (int, float))
-            or self.network_efficiency <= 0
-        ):
-            raise SpecError(f"cluster '{self.name}': network_efficiency must be a positive number or null, "
-                            f"got {self.network_efficiency!r}")
+        check_fields(self, f"cluster '{self.name}'")
         ranks = [profile.ranks for profile in self.shared_host]
         if len(set(ranks)) != len(ranks):
             raise SpecError(f"cluster '{self.name}': shared_host lists ranks {ranks}; each count at most once")
-        if self.host_cores is not None and (isinstance(self.host_cores, bool) or not isinstance(self.host_cores, int)
-                                            or self.host_cores <= 0):
-            raise SpecError(f"cluster '{self.name}': host_cores must be a positive integer or null, "
-                            f"got {self.host_cores!r}")
 
     def for_world_size(self, num_devices: int) -> "ClusterSpec":
         """The cluster as a plan of `num_devices` ranks sees it.

@@ -7,9 +7,10 @@ primary paper, the paper's numbers are used (e.g. Megatron-8.3B is 72 layers x 3
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from modelpar.specs.errors import SpecError
+from modelpar.specs.fields import check_fields
 
 ACTIVATIONS = ("gelu", "swiglu")
 NORMALIZATIONS = ("layernorm", "rmsnorm")
@@ -35,24 +36,16 @@ class ModelSpec:
         default=None,
         metadata={"doc": "Width of one attention head; None means hidden_size / heads (PaLM uses 256 with 48 heads)."},
     )
-    activation: str = field(default="gelu", metadata={"doc": "'gelu' (2-matrix MLP) or 'swiglu' (3-matrix MLP)."})
-    normalization: str = field(default="layernorm", metadata={"doc": "'layernorm' or 'rmsnorm'."})
-    position_embedding: str = field(default="learned", metadata={"doc": "'learned' absolute table or 'rope'."})
+    activation: str = field(default="gelu", metadata={"choices": ACTIVATIONS, "doc": "'gelu' (2-matrix MLP) or 'swiglu' (3-matrix MLP)."})
+    normalization: str = field(default="layernorm", metadata={"choices": NORMALIZATIONS, "doc": "'layernorm' or 'rmsnorm'."})
+    position_embedding: str = field(default="learned", metadata={"choices": POSITION_EMBEDDINGS, "doc": "'learned' absolute table or 'rope'."})
     tied_embeddings: bool = field(default=True, metadata={"doc": "Output head shares the input embedding."})
-    dropout: float = field(default=0.1, metadata={"doc": "Dropout probability (attention and residual)."})
+    dropout: float = field(default=0.1, metadata={"doc": "Dropout probability (attention and residual).",
+                                                  "bound": "non_negative"})
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if f.type in ("int", "int | None"):
-                value = getattr(self, f.name)
-                if value is None and f.type == "int | None":
-                    continue
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise SpecError(f"model '{self.name}': {f.name} must be a positive integer, got {value!r}")
-        _check_choice(self.name, "activation", self.activation, ACTIVATIONS)
-        _check_choice(self.name, "normalization", self.normalization, NORMALIZATIONS)
-        _check_choice(self.name, "position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
-        if not 0.0 <= self.dropout < 1.0:
+        check_fields(self, f"model '{self.name}'")
+        if self.dropout >= 1.0:
             raise SpecError(f"model '{self.name}': dropout must be in [0, 1), got {self.dropout!r}")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise SpecError(
@@ -111,11 +104,6 @@ class ModelSpec:
 
     def num_parameters(self) -> int:
         return self.num_layers * self.parameters_per_layer() + self.embedding_parameters()
-
-
-def _check_choice(name: str, key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise SpecError(f"model '{name}': {key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _gpt(name: str, layers: int, hidden: int, heads: int, vocab: int = 51200, seq: int = 2048, **kw) -> ModelSpec:

@@ -14,10 +14,10 @@ rule is written here once.
 from __future__ import annotations
 
 import math
-import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from modelpar.specs.errors import SpecError
+from modelpar.specs.fields import check_fields
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -221,18 +221,9 @@ class ParallelPlan:
     schedule: str | None = field(default=None, metadata={"doc": "Pipeline schedule.", "choices": SCHEDULES})
 
     def __post_init__(self) -> None:
-        for key in _COUNT_FIELDS:
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise SpecError(f"plan: {key} must be a positive integer, got {value!r}")
+        check_fields(self, "plan")
         if self.context_parallel not in (None, 1):
             raise SpecError(f"plan: context_parallel={self.context_parallel} is not supported; use 1")
-        for key, choices in _CHOICES.items():
-            value = getattr(self, key)
-            if value is not None and value not in choices:
-                raise SpecError(f"plan: {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
-        if self.sequence_parallel is not None and not isinstance(self.sequence_parallel, bool):
-            raise SpecError(f"plan: sequence_parallel must be true or false, got {self.sequence_parallel!r}")
 
     # --- derived quantities (valid on complete plans) ---------------------------------------------
     @property
@@ -319,9 +310,6 @@ class ParallelPlan:
 
 
 PLAN_FIELDS = tuple(f.name for f in fields(ParallelPlan))
-_HINTS = typing.get_type_hints(ParallelPlan)
-_CHOICES = {f.name: f.metadata["choices"] for f in fields(ParallelPlan) if "choices" in f.metadata}
-_COUNT_FIELDS = tuple(name for name in PLAN_FIELDS if _HINTS[name] == (int | None) and name not in _CHOICES)
 
 
 def complete_plan(plan: ParallelPlan, num_devices: int | None = None) -> ParallelPlan:
