@@ -165,10 +165,11 @@ def _tensor_candidates(model, cluster, num_devices, partial, rejected) -> list[i
 def _pipeline_candidates(model, num_devices, t, partial, rejected) -> list[int]:
     """Pipeline degrees: the partial plan's, else N / (t d) for a fixed d, else the divisors of N / t."""
     d = partial.data_parallel
-    reason = rules.devices_rule(t, None, None, num_devices) or (
-        d is not None and rules.devices_rule(t, None, d, num_devices) and rules.WORLD_SIZE)
-    if reason:
-        rejected[reason] += 1
+    if rules.devices_rule(t, None, None, num_devices):
+        rejected[rules.DEVICES] += 1
+        return []
+    if d is not None and rules.devices_rule(t, None, d, num_devices):  # N / (t d) is not a whole pipeline
+        rejected[rules.WORLD_SIZE] += 1
         return []
     if partial.pipeline_parallel is not None:
         candidates = [partial.pipeline_parallel]
@@ -178,7 +179,7 @@ def _pipeline_candidates(model, num_devices, t, partial, rejected) -> list[int]:
         candidates = [p for p in divisors(num_devices // t) if p <= model.num_layers]
     kept = []
     for p in candidates:
-        reason = (rules.devices_rule(t, p, None, num_devices) or (d is not None and rules.devices_rule(t, p, d, num_devices))
+        reason = (rules.devices_rule(t, p, None, num_devices) or rules.devices_rule(t, p, d, num_devices)
                   or rules.layers_rule(model, p))
         if reason is None:
             kept.append(p)
